@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["VLMError", "ImageError", "ConfigError", "PromptError", "InsufficientMemoryError"]
+__all__ = ["ConfigError", "ImageError", "InsufficientMemoryError", "PromptError", "VLMError"]
 
 
 class VLMError(Exception):

@@ -1,0 +1,218 @@
+"""The composed model: loading, splicing, generation options, streaming, batching and errors."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+import torch
+from PIL import Image
+
+import vlm
+from vlm.config import PRESETS, AdapterConfig
+from vlm.errors import ConfigError, InsufficientMemoryError, PromptError, VLMError
+from vlm.model import check_memory
+from vlm.projector import build_projector, load_llava_projector
+from vlm.vision import OpenCLIPTower, preprocess_image
+
+from .conftest import make_adapter
+
+
+def test_load_defaults_and_round_trip(tiny_model, tiny_adapter, tmp_path):
+    assert tiny_model.device.type == "cpu" and tiny_model.dtype == torch.float32
+    assert tiny_model.num_image_tokens == 16
+    assert tiny_model.config.image_token_id == len(tiny_model.tokenizer)
+    saved = tiny_model.save_adapter(tmp_path / "copy")
+    again = vlm.load(saved, device="cpu")
+    for a, b in zip(tiny_model.projector.parameters(), again.projector.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert json.loads((saved / "adapter_config.json").read_text())["format_version"] == 1
+
+
+def test_only_the_projector_is_trainable(tiny_model):
+    trainable = {n.split(".")[0] for n, p in tiny_model.named_parameters() if p.requires_grad}
+    assert trainable == {"projector"}
+    tiny_model.train()
+    assert not tiny_model.vision.training and not tiny_model.lm.training
+    tiny_model.eval()
+
+
+def test_image_slot_count_mismatch_is_a_clear_error(tiny_model, rgb_images):
+    chat = tiny_model.encode_messages([{"role": "user", "content": [{"type": "image", "image": rgb_images[0]}]}])
+    ids = torch.tensor([chat.input_ids])
+    two = tiny_model.pixel_values(rgb_images[:2])
+    with pytest.raises(PromptError, match="16 image-token slots but 2 image"):
+        tiny_model(ids, pixel_values=two)
+
+
+def test_stream_equals_plain_and_batch_equals_single(tiny_model, rgb_images):
+    question = "What is it?"
+    plain = tiny_model.ask(rgb_images[0], question, max_new_tokens=12)
+    streamed = list(
+        tiny_model.chat(
+            [{"role": "user", "content": [{"type": "image", "image": rgb_images[0]}, question]}],
+            stream=True,
+            max_new_tokens=12,
+        )
+    )
+    assert isinstance(plain, str) and plain
+    assert len(streamed) > 1 and "".join(streamed) == plain
+    singles = [tiny_model.caption(p, max_new_tokens=8) for p in rgb_images]
+    assert tiny_model.caption_batch(rgb_images, batch_size=2, max_new_tokens=8) == singles
+
+
+def test_stop_strings_cut_the_output(tiny_model, rgb_images):
+    full = tiny_model.caption(rgb_images[1], max_new_tokens=16)
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert len(stop) == 2
+    cut = tiny_model.caption(rgb_images[1], max_new_tokens=16, stop=[stop])
+    assert cut == full[: full.index(stop)]
+
+
+def test_blocked_words_never_appear(tiny_model, rgb_images):
+    full = tiny_model.caption(rgb_images[2], max_new_tokens=16)
+    word = max(full.split(), key=len)
+    filtered = tiny_model.caption(rgb_images[2], max_new_tokens=16, blocked_words=[word])
+    assert word.lower() not in filtered.lower()
+    assert filtered != full
+
+
+def test_sampling_is_seeded(tiny_model, rgb_images):
+    kwargs = {"max_new_tokens": 10, "temperature": 1.5, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.1}
+    a = tiny_model.caption(rgb_images[0], seed=7, **kwargs)
+    b = tiny_model.caption(rgb_images[0], seed=7, **kwargs)
+    others = {tiny_model.caption(rgb_images[0], seed=s, **kwargs) for s in range(8, 12)}
+    assert a == b
+    assert len(others | {a}) > 1
+
+
+def test_generation_never_emits_image_or_spare_rows(tiny_model, rgb_images):
+    chat = tiny_model.encode_messages([{"role": "user", "content": [{"type": "image", "image": rgb_images[0]}]}])
+    batch = tiny_model._batch([chat], 20)
+    with torch.no_grad():  # make the image row the most likely token: it must still be suppressed
+        head = tiny_model.lm.get_output_embeddings().weight
+        saved = head[tiny_model.config.image_token_id].clone()
+        head[tiny_model.config.image_token_id] = head.abs().max() * 100
+    try:
+        options = vlm.GenerationOptions(max_new_tokens=20)
+        ids = torch.cat(list(tiny_model.generate_tokens(**batch, options=options)))
+    finally:
+        with torch.no_grad():
+            head[tiny_model.config.image_token_id] = saved
+    assert int(ids.max()) < len(tiny_model.tokenizer)
+
+
+def test_over_long_input_is_refused_before_compute(tiny_adapter, rgb_images):
+    model = vlm.load(tiny_adapter, device="cpu")
+    model.config.max_length = 40
+    with pytest.raises(PromptError, match="over the limit of 40"):
+        model.ask(rgb_images[0], "hello " * 30)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"temperature": -1}, {"top_p": 0}, {"max_new_tokens": 0}, {"top_k": -2}, {"colour": "red"}],
+)
+def test_bad_generation_options(tiny_model, rgb_images, options):
+    with pytest.raises(VLMError):
+        tiny_model.caption(rgb_images[0], **options)
+
+
+def test_open_clip_tower_selects_the_right_block(tiny_dir, tiny_lm_path, tiny_open_clip_path, rgb_images):
+    adapter = make_adapter(tiny_dir / "oc_adapter", tiny_lm_path, tiny_open_clip_path, backend="open_clip")
+    model = vlm.load(adapter, device="cpu")
+    assert isinstance(model.vision, OpenCLIPTower)
+    assert model.vision.mean == (0.5, 0.5, 0.5) and model.num_image_tokens == 16
+    pixels = model.pixel_values(rgb_images)
+    visual = model.vision.visual
+    with torch.no_grad():
+        x = visual.ln_pre(visual.patch_dropout(visual._embeds(pixels)))
+        for block in visual.transformer.resblocks[:-1]:  # select_layer -2: output of the second-to-last block
+            x = block(x)
+        diff = (model.vision(pixels) - x[:, 1:]).abs().max().item()
+        assert diff < 1e-3, diff
+    assert isinstance(model.caption(rgb_images[0], max_new_tokens=4), str)
+
+
+def test_cls_patch_keeps_the_cls_token(tiny_dir, tiny_lm_path, tiny_clip_path, rgb_images):
+    adapter = make_adapter(tiny_dir / "cls_adapter", tiny_lm_path, tiny_clip_path, select_feature="cls_patch")
+    model = vlm.load(adapter, device="cpu")
+    assert model.num_image_tokens == 17
+    assert model.vision(model.pixel_values(rgb_images[:1])).shape == (1, 17, 32)
+    assert isinstance(model.caption(rgb_images[0], max_new_tokens=3), str)
+
+
+def test_preprocess_modes():
+    mean, std = (0.5, 0.25, 0.0), (0.5, 0.5, 0.5)
+    wide = Image.new("RGB", (40, 20), (255, 255, 255))
+    padded = preprocess_image(wide, 20, mean, std, "pad")
+    assert padded.shape == (3, 20, 20)
+    # top and bottom rows are the mean colour, which normalises to 0; the middle is white
+    assert padded[:, 0, :].abs().max() < 0.02 and padded[:, -1, :].abs().max() < 0.02
+    assert torch.allclose(padded[:, 10, 10], (1 - torch.tensor(mean)) / torch.tensor(std), atol=1e-3)
+    assert preprocess_image(wide, 20, mean, std, "resize")[:, 0, :].min() > 0.9
+    assert preprocess_image(wide, 16, mean, std, "crop").shape == (3, 16, 16)
+    with pytest.raises(ConfigError):
+        preprocess_image(wide, 16, mean, std, "stretch")
+
+
+def test_loading_errors_are_clear(tmp_path, tiny_lm_path, tiny_clip_path):
+    with pytest.raises(ConfigError, match="neither an adapter directory"):
+        vlm.load(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="could not load the LM"):
+        vlm.load("causallm-7b", device="cpu")  # offline: the hub id cannot be fetched
+    make_adapter(tmp_path / "a", tiny_lm_path, tiny_clip_path)
+    (tmp_path / "a" / "projector.safetensors").unlink()
+    with pytest.raises(ConfigError, match=r"no projector\.safetensors"):
+        vlm.load(tmp_path / "a")
+    with pytest.raises(ConfigError, match="spare row"):
+        make_adapter(tmp_path / "b", tiny_lm_path, tiny_clip_path, image_token_id=10_000)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("vision_backend", "timm"),
+        ("select_feature", "cls"),
+        ("image_aspect", "fit"),
+        ("projector_type", "mlp0x_gelu"),
+        ("system_prompt", "  "),
+        ("format_version", 99),
+        ("template", "llama2"),
+    ],
+)
+def test_config_validation(field, value):
+    with pytest.raises(ConfigError):
+        AdapterConfig(lm="x", vision_tower="y", **{field: value})
+    with pytest.raises(ConfigError, match="unknown fields"):
+        AdapterConfig.from_dict({"lm": "x", "vision_tower": "y", "colour": 1})
+
+
+def test_memory_check_recommends_the_7b():
+    fourteen = types.SimpleNamespace(
+        hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, intermediate_size=13696, vocab_size=152064
+    )
+    with pytest.raises(InsufficientMemoryError, match="causallm-7b") as err:
+        check_memory("CausalLM/14B", fourteen, torch.bfloat16, free_bytes=24 << 30)
+    assert "28." in str(err.value) or "29." in str(err.value) or "30." in str(err.value)  # ~14.2B params in bf16
+    check_memory("CausalLM/14B", fourteen, torch.bfloat16, free_bytes=80 << 30)
+    assert PRESETS["causallm-14b"].lm_hidden_size == 5120 and PRESETS["causallm-7b"].lm_hidden_size == 4096
+
+
+@pytest.mark.parametrize("kind", ["mlp2x_gelu", "linear"])
+def test_llava_projector_files_load(tmp_path, kind):
+    projector = build_projector(kind, 8, 12)
+    if kind == "linear":  # LLaVA saves its linear projector as a bare nn.Linear
+        state = {f"model.mm_projector.{k.split('.', 1)[1]}": v for k, v in projector.state_dict().items()}
+    else:
+        state = {f"model.mm_projector.{k}": v for k, v in projector.state_dict().items()}
+    torch.save(state, tmp_path / "mm_projector.bin")
+    loaded = load_llava_projector(tmp_path / "mm_projector.bin")
+    other = build_projector(kind, 8, 12)
+    other.load_state_dict(loaded)
+    x = torch.randn(2, 3, 8)
+    assert torch.equal(other(x), projector(x))
+    torch.save({"model.vision_tower.w": torch.zeros(1)}, tmp_path / "bad.bin")
+    with pytest.raises(ConfigError, match="unexpected key"):
+        load_llava_projector(tmp_path / "bad.bin")

@@ -1,0 +1,136 @@
+"""ChatML rendering, image slots by id, system prompt defaults and label masks."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from vlm.config import DEFAULT_SYSTEM_PROMPT
+from vlm.errors import PromptError
+from vlm.prompt import IGNORE_INDEX, ChatTokens, encode_chat, normalize_messages, render_text
+
+NUM_IMAGE_TOKENS = 5
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_lm_path):
+    return AutoTokenizer.from_pretrained(tiny_lm_path)
+
+
+@pytest.fixture(scope="module")
+def tokens(tokenizer):
+    return ChatTokens.from_tokenizer(tokenizer, image_token_id=len(tokenizer))
+
+
+def encode(tokenizer, tokens, messages, add_generation_prompt=True, system=DEFAULT_SYSTEM_PROMPT):
+    normalized = normalize_messages(messages, system)
+    return encode_chat(tokenizer, normalized, tokens, NUM_IMAGE_TOKENS, add_generation_prompt=add_generation_prompt)
+
+
+def test_typed_image_text_never_creates_an_image_slot(tokenizer, tokens):
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "<image> look <image><|im_end|>"},
+                {"type": "image", "image": "a.png"},
+                {"type": "text", "text": "and <image>"},
+            ],
+        }
+    ]
+    chat = encode(tokenizer, tokens, messages)
+    assert chat.input_ids.count(tokens.image) == NUM_IMAGE_TOKENS  # one attached image, one slot run
+    assert chat.images == ["a.png"]
+    assert chat.input_ids.count(tokens.im_end) == 2  # system and user turns close; the typed one is text
+    assert "<image> look <image><|im_end|>" in tokenizer.decode(chat.input_ids, skip_special_tokens=False)
+
+
+def test_chatml_rendering_matches_the_string_template(tokenizer, tokens):
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": "x"}, {"type": "text", "text": "What colour?"}]},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "Sure?"},
+    ]
+    normalized = normalize_messages(messages, DEFAULT_SYSTEM_PROMPT)
+    text = render_text(normalized)
+    assert text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<image>\nWhat colour?<|im_end|>\n"
+        "<|im_start|>assistant\nred<|im_end|>\n"
+        "<|im_start|>user\nSure?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    chat = encode_chat(tokenizer, normalized, tokens, 1, add_generation_prompt=True)
+    # Tokenizing the rendered string with the image placeholder mapped to the image id gives the same ids.
+    pieces = text.split("<image>")
+    expected = []
+    for i, piece in enumerate(pieces):
+        if i:
+            expected.append(tokens.image)
+        expected += tokenizer(piece, add_special_tokens=False)["input_ids"]
+    assert chat.input_ids == expected
+
+
+@pytest.mark.parametrize("system", [None, "", "   "])
+def test_empty_or_missing_system_prompt_uses_the_default(tokenizer, tokens, system):
+    messages = [{"role": "user", "content": "hi"}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    normalized = normalize_messages(messages, DEFAULT_SYSTEM_PROMPT)
+    assert normalized[0].role == "system" and normalized[0].parts == [DEFAULT_SYSTEM_PROMPT]
+    assert render_text(normalized).startswith(f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>")
+
+
+def test_custom_system_prompt_is_kept(tokenizer, tokens):
+    normalized = normalize_messages([{"role": "system", "content": "Be brief."}], DEFAULT_SYSTEM_PROMPT)
+    assert normalized[0].parts == ["Be brief."]
+
+
+def test_labels_cover_assistant_answers_and_their_im_end_only(tokenizer, tokens):
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": "x"}, {"type": "text", "text": "Q1"}]},
+        {"role": "assistant", "content": "answer one"},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "answer two"},
+    ]
+    chat = encode(tokenizer, tokens, messages, add_generation_prompt=False)
+    labelled = [t for t, label in zip(chat.input_ids, chat.labels, strict=True) if label != IGNORE_INDEX]
+    assert all(label in (IGNORE_INDEX, t) for t, label in zip(chat.input_ids, chat.labels, strict=True))
+    expected = (
+        tokenizer("answer one", add_special_tokens=False)["input_ids"]
+        + [tokens.im_end]
+        + tokenizer("answer two", add_special_tokens=False)["input_ids"]
+        + [tokens.im_end]
+    )
+    assert labelled == expected
+    assert chat.input_ids.count(tokens.im_end) == 5  # system, 2 user, 2 assistant: only the last 2 labelled
+
+
+def test_several_images_in_order(tokenizer, tokens):
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": "a"}, "and", {"type": "image", "image": "b"}]},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": [{"type": "image", "image": "c"}]},
+    ]
+    chat = encode(tokenizer, tokens, messages)
+    assert chat.images == ["a", "b", "c"]
+    assert chat.input_ids.count(tokens.image) == 3 * NUM_IMAGE_TOKENS
+
+
+@pytest.mark.parametrize(
+    ("messages", "match"),
+    [
+        ("hello", "list"),
+        ([{"content": "x"}], "role"),
+        ([{"role": "robot", "content": "x"}], "robot"),
+        ([{"role": "user", "content": "x"}, {"role": "system", "content": "s"}], "first"),
+        ([{"role": "assistant", "content": [{"type": "image", "image": "a"}]}], "assistant"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": "http://x"}]}], "URL"),
+        ([{"role": "user", "content": [{"type": "audio"}]}], "audio"),
+        ([{"role": "user", "content": [{"type": "image"}]}], "image"),
+        ([{"role": "user", "content": 5}], "string"),
+    ],
+)
+def test_bad_messages_give_clear_errors(messages, match):
+    with pytest.raises(PromptError, match=match):
+        normalize_messages(messages, DEFAULT_SYSTEM_PROMPT)

@@ -1,0 +1,160 @@
+"""Generation options, token selection and incremental detokenization with stop strings and a word filter.
+
+The decoding loop itself lives in `model.py`; this module holds the parts that are independent of the
+model: choosing the next token from logits and turning a growing list of ids into safe text pieces.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import (
+    LogitsProcessorList,
+    NoBadWordsLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from vlm.errors import VLMError
+
+__all__ = ["FILTERED", "GenerationOptions", "TextAssembler", "TokenSelector"]
+
+FILTERED = "[filtered]"
+
+
+@dataclass
+class GenerationOptions:
+    """How to generate. `temperature=0` is greedy decoding."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    """Extra stop strings; generation also stops on `<|im_end|>` and `<|endoftext|>`."""
+    blocked_words: list[str] = field(default_factory=list)
+    """Words or phrases the output may not contain: their token sequences are banned, and any that
+    still appear (spelled with other tokens) are replaced by `[filtered]`."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise VLMError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise VLMError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise VLMError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise VLMError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise VLMError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if isinstance(self.blocked_words, str):
+            self.blocked_words = [self.blocked_words]
+        self.stop = [s for s in self.stop if s]
+        self.blocked_words = [w for w in (w.strip() for w in self.blocked_words) if w]
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> GenerationOptions:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise VLMError(f"unknown generation options {unknown}; known: {sorted(known)}")
+        return cls(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def _word_variants(word: str) -> set[str]:
+    forms = {word, word.lower(), word.capitalize(), word.upper()}
+    return forms | {" " + f for f in forms}
+
+
+class TokenSelector:
+    """Chooses next tokens from (B, V) logits with transformers' own logits processors."""
+
+    def __init__(self, options: GenerationOptions, tokenizer: Any, suppress_ids: list[int], device: torch.device):
+        self.greedy = options.temperature == 0
+        self.suppress_ids = torch.tensor(suppress_ids, dtype=torch.long, device=device)
+        processors = LogitsProcessorList()
+        if options.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(options.repetition_penalty))
+        if options.blocked_words:
+            bad = {
+                tuple(tokenizer.encode(v, add_special_tokens=False))
+                for w in options.blocked_words
+                for v in _word_variants(w)
+            }
+            processors.append(NoBadWordsLogitsProcessor([list(b) for b in bad if b]))
+        if not self.greedy:
+            processors.append(TemperatureLogitsWarper(options.temperature))
+            if options.top_k > 0:
+                processors.append(TopKLogitsWarper(options.top_k))
+            if options.top_p < 1.0:
+                processors.append(TopPLogitsWarper(options.top_p))
+        self.processors = processors
+        self.generator: torch.Generator | None = None
+        if options.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(options.seed)
+
+    def __call__(self, sequence: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """sequence (B, T) ids so far, logits (B, V) -> next ids (B,)."""
+        logits = logits.float()
+        if self.suppress_ids.numel():
+            logits[:, self.suppress_ids] = float("-inf")
+        logits = self.processors(sequence, logits)
+        if self.greedy:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits, dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+
+
+class TextAssembler:
+    """Turns generated ids into text pieces that are safe to show as they arrive.
+
+    Holds back text that might still become a stop string or a blocked word, and half-decoded UTF-8.
+    """
+
+    def __init__(self, tokenizer: Any, stop: list[str], blocked_words: list[str]):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of the filtered text already handed out
+        self.stopped = False
+        self.blocked = (
+            re.compile("|".join(re.escape(w) for w in sorted(blocked_words, key=len, reverse=True)), re.IGNORECASE)
+            if blocked_words
+            else None
+        )
+        self.hold = max([len(s) for s in stop] + [len(w) for w in blocked_words] + [1]) - 1
+
+    def _text(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return self.blocked.sub(FILTERED, text) if self.blocked else text
+
+    def add(self, token_id: int) -> str:
+        """Feed one id; returns the text that can be shown now (maybe empty). Sets `stopped`."""
+        self.ids.append(token_id)
+        text = self._text()
+        for s in self.stop:
+            at = text.find(s, max(0, self.emitted - len(s)))
+            if at != -1:
+                self.stopped = True
+                return self._emit(text[:at])
+        if text.endswith("\ufffd"):  # a multi-byte character split across tokens
+            return ""
+        return self._emit(text[: max(self.emitted, len(text) - self.hold)])
+
+    def finish(self) -> str:
+        """The rest of the text once generation has ended."""
+        return "" if self.stopped else self._emit(self._text().rstrip("\ufffd"))
+
+    def _emit(self, upto: str) -> str:
+        piece = upto[self.emitted :]
+        self.emitted = max(self.emitted, len(upto))
+        return piece

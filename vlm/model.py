@@ -1,0 +1,448 @@
+"""VisionLanguageModel: a frozen vision tower, a trainable projector and a frozen causal LM.
+
+pixels (B, 3, S, S) -> tower -> (B, N, Dv) -> projector -> (B, N, H)
+input ids (B, T) with N image-token slots per image -> embeddings (B, T, H), slots filled in order
+-> LM -> loss on label positions only | generation
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlm.config import CONFIG_NAME, PRESETS, PROJECTOR_NAME, AdapterConfig
+from vlm.errors import ConfigError, InsufficientMemoryError, PromptError, VLMError
+from vlm.generation import GenerationOptions, TextAssembler, TokenSelector
+from vlm.images import load_image
+from vlm.projector import build_projector
+from vlm.prompt import IGNORE_INDEX, ChatTokens, EncodedChat, encode_chat, normalize_messages
+from vlm.vision import VisionTower, build_vision_tower
+
+__all__ = ["ModelOutput", "VisionLanguageModel", "check_memory", "load"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
+
+
+@dataclass
+class ModelOutput:
+    """Result of `VisionLanguageModel.forward`.
+
+    loss: scalar mean cross-entropy over label tokens (None without labels).
+    logits: with labels, (L, V) for the L label tokens only (the LM head never sees other positions);
+        without labels, (B, T, V).
+    num_label_tokens: L.
+    """
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    num_label_tokens: int = 0
+
+
+class VisionLanguageModel(nn.Module):
+    """The composed model. Build it with `vlm.load` (or directly from parts in tests and training)."""
+
+    def __init__(self, config: AdapterConfig, vision: VisionTower, lm: nn.Module, tokenizer: Any):
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.lm = lm
+        self.tokenizer = tokenizer
+        if config.vision_hidden_size and config.vision_hidden_size != vision.hidden_size:
+            raise ConfigError(
+                f"the adapter expects {config.vision_hidden_size}-d vision features but the tower "
+                f"{config.vision_tower!r} gives {vision.hidden_size}-d"
+            )
+        lm_hidden = lm.get_input_embeddings().embedding_dim
+        if config.lm_hidden_size and config.lm_hidden_size != lm_hidden:
+            raise ConfigError(
+                f"the adapter expects a {config.lm_hidden_size}-d LM but {config.lm!r} has {lm_hidden}-d embeddings"
+            )
+        config.vision_hidden_size, config.lm_hidden_size = vision.hidden_size, lm_hidden
+        if config.image_token_id < 0:
+            config.image_token_id = len(tokenizer)
+        rows = lm.get_input_embeddings().num_embeddings
+        if config.image_token_id >= rows:
+            raise ConfigError(
+                f"image token id {config.image_token_id} is past the LM's {rows} embedding rows; "
+                "set image_token_id to a spare row or resize the LM's embeddings"
+            )
+        self.projector = build_projector(config.projector_type, vision.hidden_size, lm_hidden)
+        self.lm.requires_grad_(False)
+        self.lm.eval()
+        self.tokens = ChatTokens.from_tokenizer(tokenizer, config.image_token_id)
+        self.stop_ids = sorted(
+            {
+                self.tokens.im_end,
+                *(
+                    i
+                    for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+                    if i is not None
+                ),
+            }
+        )
+        # Ids the LM must never emit: the image slot and rows with no token behind them.
+        self.suppress_ids = sorted({config.image_token_id, *range(len(tokenizer), rows)})
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        # transformers renamed `past_key_values` to `cache`; use whichever this version's LM takes.
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        self._lock = threading.Lock()
+
+    def train(self, mode: bool = True) -> VisionLanguageModel:
+        # Only the projector trains; the frozen LM and tower keep dropout and the like switched off.
+        super().train(mode)
+        self.lm.eval()
+        return self
+
+    # ----------------------------------------------------------------------------------------------
+    # Properties and persistence
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm.get_input_embeddings().weight.dtype
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision.num_patches
+
+    def save_adapter(self, directory: str | Path) -> Path:
+        """Write `adapter_config.json` and `projector.safetensors` (fp32 weights) to `directory`."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.projector.state_dict().items()}
+        save_file(state, str(directory / PROJECTOR_NAME), metadata={"format": "pt"})
+        self.config.save(directory)
+        return directory
+
+    def load_projector_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load projector weights, with an error naming any missing, extra or mis-shaped tensor."""
+        own = self.projector.state_dict()
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or extra:
+            raise ConfigError(
+                f"projector weights do not match a {self.config.projector_type} projector: "
+                f"missing {missing}, unexpected {extra}"
+            )
+        for key, value in state.items():
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise ConfigError(
+                    f"projector weight {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)} "
+                    f"(vision {self.vision.hidden_size}-d -> LM {self.config.lm_hidden_size}-d)"
+                )
+        self.projector.load_state_dict(state)
+
+    # ----------------------------------------------------------------------------------------------
+    # The model
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, N, H) image embeddings in LM space."""
+        with torch.no_grad():
+            features = self.vision(pixel_values.to(self.device, self.vision_dtype))  # (B, N, Dv)
+        projector_dtype = next(self.projector.parameters()).dtype
+        return self.projector(features.to(projector_dtype))
+
+    @property
+    def vision_dtype(self) -> torch.dtype:
+        return next(self.vision.parameters()).dtype
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """(B, T) ids + (I, 3, S, S) pixels -> (B, T, H) embeddings with every image slot filled in order."""
+        embeds = self.lm.get_input_embeddings()(input_ids)  # (B, T, H)
+        slots = input_ids == self.config.image_token_id  # (B, T)
+        num_slots = int(slots.sum())
+        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if num_slots != num_images * self.num_image_tokens:
+            raise PromptError(
+                f"the input has {num_slots} image-token slots but {num_images} image(s) x "
+                f"{self.num_image_tokens} tokens were given; each image needs exactly one placeholder"
+            )
+        if num_images == 0:
+            return embeds
+        features = self.encode_images(pixel_values).to(embeds.dtype)  # (I, N, H)
+        return embeds.masked_scatter(slots.unsqueeze(-1), features)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """With `labels` (B, T), the LM head runs only where a next-token label exists."""
+        embeds = self.embed(input_ids, pixel_values)
+        if labels is None:
+            logits = self.lm(inputs_embeds=embeds, attention_mask=attention_mask).logits
+            return ModelOutput(loss=None, logits=logits)
+        hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+        keep = targets != IGNORE_INDEX
+        logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep])  # (L, V)
+        loss = F.cross_entropy(logits.float(), targets[keep]) if logits.shape[0] else logits.sum() * 0.0
+        return ModelOutput(loss=loss, logits=logits, num_label_tokens=int(keep.sum()))
+
+    # ----------------------------------------------------------------------------------------------
+    # Inputs
+
+    def encode_messages(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> EncodedChat:
+        """OpenAI-style messages -> ids, labels and the images in slot order (not yet loaded)."""
+        normalized = normalize_messages(messages, self.config.system_prompt)
+        return encode_chat(
+            self.tokenizer, normalized, self.tokens, self.num_image_tokens, add_generation_prompt=add_generation_prompt
+        )
+
+    def pixel_values(self, images: Sequence[Any]) -> torch.Tensor | None:
+        """Load and preprocess images (paths, bytes, file objects, PIL images) -> (I, 3, S, S)."""
+        if not images:
+            return None
+        loaded = [load_image(im) for im in images]
+        return self.vision.preprocess(loaded)
+
+    def _batch(self, chats: Sequence[EncodedChat], max_new_tokens: int) -> dict[str, torch.Tensor | None]:
+        """Left-pad prompts for generation; refuse over-long ones before any compute."""
+        for chat in chats:
+            if len(chat) + max_new_tokens > self.config.max_length:
+                raise PromptError(
+                    f"the prompt is {len(chat)} tokens ({len(chat.images)} image(s) x {self.num_image_tokens}) "
+                    f"and max_new_tokens is {max_new_tokens}, over the limit of {self.config.max_length}; "
+                    "shorten the conversation, attach fewer images or lower max_new_tokens"
+                )
+        width = max(len(c) for c in chats)
+        ids = torch.full((len(chats), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chats), width), dtype=torch.long)
+        for row, chat in enumerate(chats):
+            ids[row, width - len(chat) :] = torch.tensor(chat.input_ids)
+            mask[row, width - len(chat) :] = 1
+        pixels = self.pixel_values([im for c in chats for im in c.images])
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device), "pixel_values": pixels}
+
+    # ----------------------------------------------------------------------------------------------
+    # Generation
+
+    @torch.inference_mode()
+    def generate_tokens(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        options: GenerationOptions,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the next token ids (B,) step by step for left-padded prompts; finished rows yield pad.
+
+        Stops when every row has produced a stop id or after `max_new_tokens`."""
+        from transformers import DynamicCache
+
+        select = TokenSelector(options, self.tokenizer, self.suppress_ids, self.device)
+        stop_ids = torch.tensor(self.stop_ids, device=self.device)
+        embeds = self.embed(input_ids, pixel_values)  # (B, T, H)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens from 0
+        cache = DynamicCache(config=self.lm.config)
+        out = self.lm(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kwarg: cache},
+        )
+        sequence = input_ids
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)
+        for _ in range(options.max_new_tokens):
+            next_ids = select(sequence, out.logits[:, -1])  # (B,)
+            next_ids = torch.where(done, torch.full_like(next_ids, self.pad_id), next_ids)
+            yield next_ids
+            done |= torch.isin(next_ids, stop_ids)
+            if bool(done.all()):
+                return
+            sequence = torch.cat([sequence, next_ids[:, None]], dim=1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+            out = self.lm(
+                input_ids=next_ids[:, None],
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=True,
+                **{self._cache_kwarg: cache},
+            )
+
+    def _stream(self, chats: Sequence[EncodedChat], options: GenerationOptions) -> Iterator[list[str]]:
+        """Yield, per step, the new text of each row (empty for rows with nothing new)."""
+        batch = self._batch(chats, options.max_new_tokens)
+        assemblers = [TextAssembler(self.tokenizer, options.stop, options.blocked_words) for _ in chats]
+        finished = [False] * len(chats)
+        for next_ids in self.generate_tokens(**batch, options=options):
+            pieces = []
+            for row, token in enumerate(next_ids.tolist()):
+                if finished[row]:
+                    pieces.append("")
+                elif token in self.stop_ids:
+                    finished[row] = True
+                    pieces.append(assemblers[row].finish())
+                else:
+                    piece = assemblers[row].add(token)
+                    finished[row] = assemblers[row].stopped
+                    pieces.append(piece)
+            yield pieces
+            if all(finished):
+                return
+        yield [a.finish() if not f else "" for a, f in zip(assemblers, finished, strict=True)]
+
+    def chat(
+        self, messages: Sequence[Mapping[str, Any]], stream: bool = False, **generation: Any
+    ) -> str | Iterator[str]:
+        """Answer the conversation. With `stream=True`, an iterator of text pieces as they are generated.
+
+        `generation`: max_new_tokens, temperature (0 = greedy), top_p, top_k, repetition_penalty, seed,
+        stop (strings), blocked_words."""
+        options = GenerationOptions.from_kwargs(**generation)
+        chat = self.encode_messages(messages)
+        if stream:
+            return self._stream_one(chat, options)
+        return "".join(self._stream_one(chat, options))
+
+    def _stream_one(self, chat: EncodedChat, options: GenerationOptions) -> Iterator[str]:
+        with self._lock:  # one generation at a time per model: the KV cache and GPU are shared
+            for pieces in self._stream([chat], options):
+                if pieces[0]:
+                    yield pieces[0]
+
+    def ask(self, image: Any, question: str, **generation: Any) -> str:
+        """Answer one question about one image."""
+        content = [{"type": "image", "image": image}, {"type": "text", "text": question}]
+        return self.chat([{"role": "user", "content": content}], **generation)
+
+    def caption(self, image: Any, prompt: str | None = None, **generation: Any) -> str:
+        """A caption for one image."""
+        return self.ask(image, prompt or self.caption_prompt, **generation)
+
+    @property
+    def caption_prompt(self) -> str:
+        return self.config.extra.get("caption_prompt", DEFAULT_CAPTION_PROMPT)
+
+    def caption_batch(
+        self, images: Sequence[Any], batch_size: int = 8, prompt: str | None = None, **generation: Any
+    ) -> list[str]:
+        """Captions for many images, generated `batch_size` at a time with left padding."""
+        if batch_size < 1:
+            raise VLMError("batch_size must be at least 1")
+        options = GenerationOptions.from_kwargs(**generation)
+        question = prompt or self.caption_prompt
+        results: list[str] = []
+        for start in range(0, len(images), batch_size):
+            chats = [
+                self.encode_messages([{"role": "user", "content": [{"type": "image", "image": im}, question]}])
+                for im in images[start : start + batch_size]
+            ]
+            texts = [""] * len(chats)
+            with self._lock:
+                for pieces in self._stream(chats, options):
+                    texts = [t + p for t, p in zip(texts, pieces, strict=True)]
+            results.extend(texts)
+        return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _resolve(reference: str, base: Path | None) -> str:
+    """A relative local path in an adapter config is relative to the adapter directory."""
+    if base is not None and not Path(reference).is_absolute() and (base / reference).exists():
+        return str(base / reference)
+    return reference
+
+
+def _lm_bytes(lm_config: Any, dtype: torch.dtype) -> int:
+    """Approximate weight bytes of a Llama-architecture LM from its config."""
+    hidden, layers = lm_config.hidden_size, lm_config.num_hidden_layers
+    heads = lm_config.num_attention_heads
+    kv_heads = getattr(lm_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(lm_config, "head_dim", None) or hidden // heads
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    mlp = 3 * hidden * lm_config.intermediate_size
+    embeddings = lm_config.vocab_size * hidden * (1 if getattr(lm_config, "tie_word_embeddings", False) else 2)
+    return (layers * (attention + mlp) + embeddings) * torch.finfo(dtype).bits // 8
+
+
+def check_memory(
+    lm_name: str, lm_config: Any, dtype: torch.dtype, free_bytes: int, reserve_bytes: int = 2 << 30
+) -> None:
+    """Raise InsufficientMemoryError if the LM's weights plus a working reserve exceed `free_bytes`."""
+    need = _lm_bytes(lm_config, dtype) + reserve_bytes
+    if need > free_bytes:
+        advice = (
+            "use the 7B preset ('causallm-7b') instead: the CausalLM model card recommends the 7B over a quantized 14B"
+            if lm_config.hidden_size >= 5120
+            else "free accelerator memory or use a larger card"
+        )
+        raise InsufficientMemoryError(
+            f"{lm_name} needs about {need / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')} "
+            f"(weights + working memory) but only {free_bytes / 2**30:.1f} GiB is free; {advice}"
+        )
+
+
+def load(
+    source: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
+) -> VisionLanguageModel:
+    """Build a model from an adapter directory or a preset name (`causallm-14b`, `causallm-7b`).
+
+    Defaults: CUDA with bf16 when available, else CPU with fp32. A preset's projector is untrained.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(source)
+    if str(source) in PRESETS:
+        config, base = AdapterConfig.from_dict(PRESETS[str(source)].to_dict()), None
+    elif path.is_dir() and (path / CONFIG_NAME).is_file():
+        config, base = AdapterConfig.load(path), path
+    else:
+        raise ConfigError(
+            f"{source!s} is neither an adapter directory (with {CONFIG_NAME}) nor a preset ({', '.join(PRESETS)})"
+        )
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ConfigError("dtype must be a torch dtype name such as 'bfloat16', 'float16' or 'float32'")
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+    lm_ref = _resolve(config.lm, base)
+    try:
+        lm_config = AutoConfig.from_pretrained(lm_ref)
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            check_memory(config.lm, lm_config, dtype, free)
+        tokenizer = AutoTokenizer.from_pretrained(lm_ref)
+        lm = AutoModelForCausalLM.from_pretrained(lm_ref, config=lm_config, dtype=dtype)
+    except OSError as e:
+        raise ConfigError(
+            f"could not load the LM {config.lm!r}: {e}. If it is a hub id, check the name and that the hub is "
+            "reachable (HF_HUB_OFFLINE unset), or give a local path"
+        ) from e
+    vision = build_vision_tower(config, _resolve(config.vision_tower, base))
+    model = VisionLanguageModel(config, vision, lm, tokenizer)
+    if base is not None:
+        from safetensors.torch import load_file
+
+        weights = base / PROJECTOR_NAME
+        if not weights.is_file():
+            raise ConfigError(f"{base} has no {PROJECTOR_NAME}; was the training run finished?")
+        model.load_projector_state(load_file(str(weights)))
+    else:
+        logger.warning("preset %s: the projector is untrained; train one with vlm-train or load an adapter", source)
+    return model.to(device=device, dtype=dtype)

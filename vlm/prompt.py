@@ -1,0 +1,213 @@
+"""ChatML conversations -> token ids with image slots and label masks.
+
+Rendering (CausalLM is prompted in ChatML, and its system prompt must never be empty):
+
+    <|im_start|>system\\n{system}<|im_end|>\\n
+    <|im_start|>user\\n{image slots}\\n{text}<|im_end|>\\n
+    <|im_start|>assistant\\n{answer}<|im_end|>\\n
+    ...
+    <|im_start|>assistant\\n                      (generation prompt)
+
+An image part becomes `num_image_tokens` copies of the image token id followed by "\\n" (LLaVA's
+`<image>\\n`). Image slots are inserted by id: text is tokenized with special tokens split, so a user
+who types `<image>` or `<|im_end|>` gets ordinary text. Labels cover each assistant answer and the
+`<|im_end|>` closing it, nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlm.errors import PromptError
+
+__all__ = [
+    "IGNORE_INDEX",
+    "ChatTokens",
+    "EncodedChat",
+    "Message",
+    "encode_chat",
+    "normalize_messages",
+    "render_text",
+]
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Message:
+    """One turn: a role and its content parts, each a text string or an `ImagePart`."""
+
+    role: str
+    parts: list[str | ImagePart]
+
+
+@dataclass
+class ImagePart:
+    """An image in a message; `source` is whatever `vlm.load_image` accepts (or an already loaded image)."""
+
+    source: Any
+
+
+@dataclass
+class ChatTokens:
+    """The ids the template needs, read from the tokenizer (never hard-coded)."""
+
+    im_start: int
+    im_end: int
+    image: int
+    newline: list[int]
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any, image_token_id: int) -> ChatTokens:
+        ids = {}
+        for token in ("<|im_start|>", "<|im_end|>"):
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id is None or token_id == tokenizer.unk_token_id:
+                raise PromptError(f"the tokenizer has no {token} token; a ChatML (CausalLM/Qwen) tokenizer is needed")
+            ids[token] = token_id
+        return cls(ids["<|im_start|>"], ids["<|im_end|>"], image_token_id, _encode(tokenizer, "\n"))
+
+
+@dataclass
+class EncodedChat:
+    """Token ids of a rendered conversation. `labels` is IGNORE_INDEX except on assistant answers."""
+
+    input_ids: list[int]
+    labels: list[int]
+    images: list[Any] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    if not text:
+        return []
+    # split_special_tokens: typed "<image>" or "<|im_end|>" stays ordinary text.
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def _parts(content: Any, role: str) -> list[str | ImagePart]:
+    if isinstance(content, str):
+        return [content]
+    if content is None:
+        return []
+    if not isinstance(content, Sequence):
+        raise PromptError(f"{role} message content must be a string or a list of parts, got {type(content).__name__}")
+    parts: list[str | ImagePart] = []
+    for part in content:
+        if isinstance(part, str):
+            parts.append(part)
+            continue
+        if not isinstance(part, Mapping) or "type" not in part:
+            raise PromptError(f"a content part must be a dict with a 'type' key, got {part!r:.80}")
+        kind = part["type"]
+        if kind == "text":
+            parts.append(str(part.get("text", "")))
+        elif kind == "image":
+            if part.get("image") is None:
+                raise PromptError("an image part needs an 'image' value (a path, bytes, file object or PIL image)")
+            parts.append(ImagePart(part["image"]))
+        elif kind == "image_url":
+            raise PromptError("image URLs are not fetched; download the image and pass it as {'type': 'image', ...}")
+        else:
+            raise PromptError(f"unknown content part type {kind!r}; use 'text' or 'image'")
+    return parts
+
+
+def normalize_messages(messages: Sequence[Mapping[str, Any]], default_system: str) -> list[Message]:
+    """OpenAI-style messages -> `Message`s, starting with a non-empty system message."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise PromptError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    out: list[Message] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or "role" not in message:
+            raise PromptError(f"message {i} must be a dict with 'role' and 'content'")
+        role = message["role"]
+        if role not in ROLES:
+            raise PromptError(f"message {i} has role {role!r}; use one of {', '.join(ROLES)}")
+        parts = _parts(message.get("content"), role)
+        if role == "system":
+            if i != 0:
+                raise PromptError("a system message may only come first")
+            if any(isinstance(p, ImagePart) for p in parts):
+                raise PromptError("the system message cannot contain images")
+        if role == "assistant" and any(isinstance(p, ImagePart) for p in parts):
+            raise PromptError("assistant messages cannot contain images")
+        out.append(Message(role, parts))
+    system_text = "".join(out[0].parts) if out and out[0].role == "system" else ""
+    if out and out[0].role == "system":
+        out = out[1:]
+    # The LM was trained with a system prompt on every conversation: never leave it empty.
+    system_text = system_text if system_text.strip() else default_system
+    return [Message("system", [system_text]), *out]
+
+
+def encode_chat(
+    tokenizer: Any,
+    messages: Sequence[Message],
+    tokens: ChatTokens,
+    num_image_tokens: int,
+    *,
+    add_generation_prompt: bool,
+) -> EncodedChat:
+    """Render normalized messages to ids. Adjacent text of the same label status is tokenized as one
+    string, so the ids equal tokenizing the rendered prompt with `<image>` as a special token."""
+    ids: list[int] = []
+    labels: list[int] = []
+    images: list[Any] = []
+    pending: list[str] = []
+    pending_label = False
+
+    def flush() -> None:
+        piece = _encode(tokenizer, "".join(pending))
+        ids.extend(piece)
+        labels.extend(piece if pending_label else [IGNORE_INDEX] * len(piece))
+        pending.clear()
+
+    def text(value: str, label: bool) -> None:
+        nonlocal pending_label
+        if pending and pending_label != label:
+            flush()
+        pending_label = label
+        pending.append(value)
+
+    def special(token_id: int, label: bool) -> None:
+        flush()
+        ids.append(token_id)
+        labels.append(token_id if label else IGNORE_INDEX)
+
+    for message in messages:
+        answer = message.role == "assistant"
+        special(tokens.im_start, False)
+        text(f"{message.role}\n", False)
+        for part in message.parts:
+            if isinstance(part, ImagePart):
+                flush()
+                ids.extend([tokens.image] * num_image_tokens)
+                labels.extend([IGNORE_INDEX] * num_image_tokens)
+                images.append(part.source)
+                text("\n", False)
+            else:
+                text(part, answer)
+        special(tokens.im_end, answer)
+        text("\n", False)
+    if add_generation_prompt:
+        special(tokens.im_start, False)
+        text("assistant\n", False)
+    flush()
+    return EncodedChat(ids, labels, images)
+
+
+def render_text(messages: Sequence[Message], image_token: str = "<image>", add_generation_prompt: bool = True) -> str:
+    """The prompt as a string, each image shown as one `image_token` (for display and template checks)."""
+    out = []
+    for message in messages:
+        body = "".join(f"{image_token}\n" if isinstance(p, ImagePart) else p for p in message.parts)
+        out.append(f"<|im_start|>{message.role}\n{body}<|im_end|>\n")
+    if add_generation_prompt:
+        out.append("<|im_start|>assistant\n")
+    return "".join(out)

@@ -1,0 +1,199 @@
+"""Frozen CLIP vision towers (transformers or open_clip) and the image preprocessing they share.
+
+A tower turns a batch of normalised pixels (B, 3, S, S) into patch features (B, N, D) taken from one
+hidden layer, HF-style indexed: hidden state 0 is the embedding output, hidden state k the output of
+block k, so -2 is the second-to-last block (LLaVA-1.5's choice).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from vlm.config import AdapterConfig
+from vlm.errors import ConfigError
+
+__all__ = ["HFCLIPTower", "OpenCLIPTower", "VisionTower", "build_vision_tower", "preprocess_image"]
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def preprocess_image(
+    image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float], aspect: str = "pad"
+) -> torch.Tensor:
+    """RGB PIL image -> normalised (3, size, size) float32 tensor.
+
+    `pad`: pad to a square with the mean colour, then resize (LLaVA-1.5); `resize`: squash to a square;
+    `crop`: resize the short side to `size`, then centre-crop (CLIP's own transform).
+    """
+    image = image.convert("RGB")
+    width, height = image.size
+    if aspect == "pad":
+        if width != height:
+            side = max(width, height)
+            fill = tuple(round(m * 255) for m in mean)
+            square = Image.new("RGB", (side, side), fill)
+            square.paste(image, ((side - width) // 2, (side - height) // 2))
+            image = square
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    elif aspect == "resize":
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    elif aspect == "crop":
+        scale = size / min(width, height)
+        new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    else:
+        raise ConfigError(f"unknown image aspect mode {aspect!r}: use 'pad', 'resize' or 'crop'")
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
+    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return (pixels - mean_t) / std_t
+
+
+class VisionTower(nn.Module):
+    """A frozen image encoder. Subclasses set the attributes below and implement `features`."""
+
+    hidden_size: int
+    """Width D of the features."""
+    image_size: int
+    """Side S of the square input, in pixels."""
+    patch_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __init__(self, select_layer: int, select_feature: str, aspect: str) -> None:
+        super().__init__()
+        self.select_layer = select_layer
+        self.select_feature = select_feature
+        self.aspect = aspect
+
+    @property
+    def num_patches(self) -> int:
+        """Number N of feature tokens per image (patches, plus CLS with `cls_patch`)."""
+        grid = (self.image_size // self.patch_size) ** 2
+        return grid + (1 if self.select_feature == "cls_patch" else 0)
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """List of RGB images -> (B, 3, S, S) float32 pixels."""
+        return torch.stack([preprocess_image(im, self.image_size, self.mean, self.std, self.aspect) for im in images])
+
+    def freeze(self) -> None:
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> VisionTower:
+        # Frozen towers stay in eval mode whatever the parent module is switched to.
+        return super().train(False)
+
+    def features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, S, S) -> (CLS (B, 1, D), patches (B, N, D)) at the selected layer."""
+        raise NotImplementedError
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        cls, patches = self.features(pixel_values)
+        if self.select_feature == "cls_patch":
+            return torch.cat([cls, patches], dim=1)  # (B, 1 + N, D)
+        return patches  # (B, N, D)
+
+
+class HFCLIPTower(VisionTower):
+    """transformers `CLIPVisionModel` from a hub id or local path (a full CLIP checkpoint works too)."""
+
+    def __init__(self, name_or_path: str, select_layer: int = -2, select_feature: str = "patch", aspect: str = "pad"):
+        super().__init__(select_layer, select_feature, aspect)
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+        try:
+            config = CLIPVisionConfig.from_pretrained(name_or_path)
+            self.model = CLIPVisionModel.from_pretrained(name_or_path, config=config)
+        except OSError as e:
+            raise ConfigError(f"could not load CLIP vision tower {name_or_path!r}: {e}") from e
+        try:
+            processor = CLIPImageProcessor.from_pretrained(name_or_path)
+            self.mean, self.std = tuple(processor.image_mean), tuple(processor.image_std)
+        except OSError:
+            self.mean, self.std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+        self.hidden_size = config.hidden_size
+        self.image_size = config.image_size
+        self.patch_size = config.patch_size
+        num_layers = config.num_hidden_layers
+        if not -(num_layers + 1) <= select_layer <= num_layers:
+            raise ConfigError(f"select_layer {select_layer} is out of range for a {num_layers}-layer tower")
+        self.freeze()
+
+    def features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(pixel_values=pixel_values, output_hidden_states=True)
+        hidden = out.hidden_states[self.select_layer]  # (B, 1 + N, D)
+        return hidden[:, :1], hidden[:, 1:]
+
+
+class OpenCLIPTower(VisionTower):
+    """The visual half of an open_clip model: `ViT-L-14-336` + a pretrained tag or checkpoint file,
+    `hf-hub:org/repo`, or `local-dir:/path`. Only OpenAI-style `VisionTransformer` towers are supported."""
+
+    def __init__(
+        self,
+        name: str,
+        pretrained: str | None = None,
+        select_layer: int = -2,
+        select_feature: str = "patch",
+        aspect: str = "pad",
+    ):
+        super().__init__(select_layer, select_feature, aspect)
+        import open_clip
+        from open_clip.transformer import VisionTransformer
+
+        try:
+            clip = open_clip.create_model(name, pretrained=pretrained, device="cpu")
+        except (OSError, RuntimeError, ValueError) as e:
+            raise ConfigError(f"could not load open_clip model {name!r} (pretrained={pretrained!r}): {e}") from e
+        visual = clip.visual
+        if not isinstance(visual, VisionTransformer):
+            raise ConfigError(
+                f"open_clip model {name!r} has a {type(visual).__name__} tower; only ViT towers "
+                "(open_clip VisionTransformer) are supported"
+            )
+        self.visual = visual
+        del clip  # the text tower is not needed
+        self.hidden_size = visual.transformer.width
+        self.image_size = int(visual.image_size[0])
+        self.patch_size = int(visual.patch_size[0])
+        self.mean = tuple(getattr(visual, "image_mean", None) or OPENAI_CLIP_MEAN)
+        self.std = tuple(getattr(visual, "image_std", None) or OPENAI_CLIP_STD)
+        num_layers = len(visual.transformer.resblocks)
+        layer = select_layer % (num_layers + 1)
+        if not -(num_layers + 1) <= select_layer <= num_layers or layer == 0:
+            raise ConfigError(
+                f"select_layer {select_layer} is out of range for a {num_layers}-block open_clip tower "
+                "(block outputs 1..N, or -1..-N, are supported)"
+            )
+        self.block_index = layer - 1  # HF hidden state k is the output of block k-1 (0-based)
+        self.freeze()
+
+    def features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.visual.forward_intermediates(
+            pixel_values,
+            indices=[self.block_index],
+            stop_early=True,
+            intermediates_only=True,
+            output_fmt="NLC",
+            output_extra_tokens=True,
+        )
+        return out["image_intermediates_prefix"][0], out["image_intermediates"][0]  # (B, 1, D), (B, N, D)
+
+
+def build_vision_tower(config: AdapterConfig, vision_tower: str | None = None) -> VisionTower:
+    """The tower named by `config` (or by `vision_tower`, a resolved path, when given)."""
+    name = vision_tower or config.vision_tower
+    if config.vision_backend == "hf":
+        return HFCLIPTower(name, config.select_layer, config.select_feature, config.image_aspect)
+    return OpenCLIPTower(
+        name, config.vision_pretrained, config.select_layer, config.select_feature, config.image_aspect
+    )
