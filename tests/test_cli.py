@@ -1,0 +1,61 @@
+"""The `vlm` command line, run as a user would: a subprocess on a saved tiny adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import vlm
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "vlm", *args], capture_output=True, text=True, input=stdin, env=env, timeout=300
+    )
+
+
+def test_caption_and_ask(tiny_adapter, rgb_images):
+    model = vlm.load(tiny_adapter, device="cpu")
+    expected_caption = model.caption(rgb_images[0], max_new_tokens=6)
+    expected_answer = model.ask(rgb_images[1], "What colour?", max_new_tokens=6)
+
+    out = run("caption", str(rgb_images[0]), "--model", str(tiny_adapter), "--max-new-tokens", "6")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == expected_caption + "\n"
+
+    out = run("ask", str(rgb_images[1]), "What colour?", "-m", str(tiny_adapter), "--max-new-tokens", "6", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"image": str(rgb_images[1]), "question": "What colour?", "answer": expected_answer}
+
+
+def test_chat_streams_with_an_attached_image_and_exits_on_eof(tiny_adapter, rgb_images):
+    script = f"hello\n/image {rgb_images[2]}\nwhat is this?\n/image /no/such.png\n"
+    out = run("chat", "-m", str(tiny_adapter), "--max-new-tokens", "4", "--json", stdin=script)
+    assert out.returncode == 0, out.stderr
+    replies = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(replies) == 2 and all(r["role"] == "assistant" for r in replies)
+    assert f"attached {rgb_images[2]}" in out.stderr
+    assert "image file not found" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("caption", "/no/such.png"), "not found"),
+        (("caption", "IMG", "--model", "/no/adapter"), "neither an adapter directory"),
+        (("ask", "IMG", "q", "--temperature", "-1"), "temperature"),
+    ],
+)
+def test_user_mistakes_print_one_line_and_exit_2(tiny_adapter, rgb_images, args, message):
+    args = tuple(str(rgb_images[0]) if a == "IMG" else a for a in args)
+    if "--model" not in args:
+        args = (*args, "--model", str(tiny_adapter))
+    out = run(*args)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert out.stderr.startswith("vlm: error:") and message in out.stderr

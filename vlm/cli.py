@@ -1,0 +1,232 @@
+"""`vlm`: caption, ask, chat, export, import-llava and demo from the command line.
+
+User mistakes print one line (`vlm: error: ...`) and exit with status 2; there are no tracebacks
+unless `VLM_DEBUG=1` is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from vlm.errors import VLMError
+
+__all__ = ["main"]
+
+DEFAULT_TOY_ADAPTER = "runs/toy"
+
+
+def _generation_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("generation")
+    group.add_argument("--max-new-tokens", type=int, default=None)
+    group.add_argument("--temperature", type=float, default=None, help="0 (default) is greedy")
+    group.add_argument("--top-p", type=float, default=None)
+    group.add_argument("--top-k", type=int, default=None)
+    group.add_argument("--repetition-penalty", type=float, default=None)
+    group.add_argument("--seed", type=int, default=None)
+    group.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    group.add_argument("--blocked-word", dest="blocked_words", action="append", default=None, help="repeatable")
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", default=DEFAULT_TOY_ADAPTER, help="adapter directory or preset name")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, help="bfloat16, float16 or float32")
+
+
+def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "blocked_words")
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def _load(args: argparse.Namespace, images: Sequence[str] = ()) -> Any:
+    """Check the images first (a typo should not cost a model load), then load the model quietly."""
+    from transformers.utils import logging as hf_logging
+
+    import vlm
+
+    for image in images:
+        vlm.load_image(image)
+    hf_logging.disable_progress_bar()
+    return vlm.load(args.model, device=args.device, dtype=args.dtype)
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    model = _load(args, args.images)
+    kwargs = _generation_kwargs(args)
+    for image in args.images:
+        text = model.caption(image, prompt=args.prompt, **kwargs)
+        print(
+            json.dumps({"image": image, "caption": text})
+            if args.json
+            else (f"{image}\t{text}" if len(args.images) > 1 else text)
+        )
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    model = _load(args, [args.image])
+    answer = model.ask(args.image, args.question, **_generation_kwargs(args))
+    print(json.dumps({"image": args.image, "question": args.question, "answer": answer}) if args.json else answer)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive chat. `/image PATH` attaches an image to the next message, `/reset` starts over."""
+    model = _load(args, [args.image] if args.image else [])
+    kwargs = _generation_kwargs(args)
+    messages: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
+    pending = [args.image] if args.image else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Type a message. /image PATH attaches an image, /reset clears, Ctrl-D exits.", file=sys.stderr)
+    while True:
+        if interactive:
+            print("you> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/image"):
+            path = line.removeprefix("/image").strip()
+            if not path:
+                print("usage: /image PATH", file=sys.stderr)
+                continue
+            from vlm.images import load_image
+
+            try:
+                load_image(path)  # check now, not after the user has typed the question
+            except VLMError as e:
+                print(f"error: {e}", file=sys.stderr)
+                continue
+            pending.append(path)
+            print(f"(attached {path})", file=sys.stderr)
+            continue
+        if line == "/reset":
+            messages, pending = messages[:1] if args.system else [], []
+            continue
+        content: list[Any] = [{"type": "image", "image": p} for p in pending] + [{"type": "text", "text": line}]
+        messages.append({"role": "user", "content": content})
+        pending = []
+        pieces = []
+        try:
+            for piece in model.chat(messages, stream=True, **kwargs):
+                pieces.append(piece)
+                if not args.json:
+                    print(piece, end="", flush=True)
+        except VLMError as e:
+            messages.pop()  # keep the conversation usable after a bad turn
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        reply = "".join(pieces)
+        print(json.dumps({"role": "assistant", "content": reply}) if args.json else "", flush=True)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from vlm import export
+
+    model = _load(args) if args.to == "llava-hf" else None
+    if args.to == "llava-hf":
+        out = export.export_llava_hf(model, args.out)
+    else:
+        out = export.export_gguf_mmproj(args.model, args.out)
+    print(out)
+    return 0
+
+
+def cmd_import_llava(args: argparse.Namespace) -> int:
+    from vlm import export
+
+    out = export.import_llava(
+        args.projector, vision_tower=args.vision, lm=args.lm, out=args.out, vision_backend=args.vision_backend
+    )
+    print(out)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from demo.app import launch
+
+    launch(model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlm", description="Caption, question and chat with images.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("caption", help="caption one or more images")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--prompt", default=None, help="instruction (default: the adapter's caption prompt)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    _model_args(p)
+    _generation_args(p)
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("ask", help="ask a question about an image")
+    p.add_argument("image")
+    p.add_argument("question")
+    p.add_argument("--json", action="store_true")
+    _model_args(p)
+    _generation_args(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat (streams; /image PATH attaches an image)")
+    p.add_argument("--image", default=None, help="image attached to the first message")
+    p.add_argument("--system", default=None, help="system prompt (default: the adapter's)")
+    p.add_argument("--json", action="store_true", help="print each reply as a JSON line instead of streaming")
+    _model_args(p)
+    _generation_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("export", help="export an adapter to another runtime")
+    p.add_argument("model", help="adapter directory")
+    p.add_argument("--to", choices=["llava-hf", "gguf-mmproj"], required=True)
+    p.add_argument("out", help="output directory (llava-hf) or .gguf file (gguf-mmproj)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import-llava", help="make an adapter from an original LLaVA mm_projector file")
+    p.add_argument("projector", help="mm_projector.bin or .safetensors")
+    p.add_argument("--vision", required=True, help="vision tower (hub id, path, or open_clip name)")
+    p.add_argument("--vision-backend", choices=["hf", "open_clip"], default="hf")
+    p.add_argument("--lm", required=True, help="causal LM (hub id or path)")
+    p.add_argument("out", help="output adapter directory")
+    p.set_defaults(func=cmd_import_llava)
+
+    p = sub.add_parser("demo", help="launch the Gradio chat demo")
+    p.add_argument("--model", "-m", default=None, help="adapter directory (default: the miniature world's)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except VLMError as e:
+        if os.environ.get("VLM_DEBUG"):
+            raise
+        print(f"vlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
