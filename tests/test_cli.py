@@ -30,7 +30,8 @@ def test_caption_and_ask(tiny_adapter, rgb_images):
 
     out = run("ask", str(rgb_images[1]), "What colour?", "-m", str(tiny_adapter), "--max-new-tokens", "6", "--json")
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == {"image": str(rgb_images[1]), "question": "What colour?", "answer": expected_answer}
+    expected = {"image": str(rgb_images[1]), "question": "What colour?", "answer": expected_answer}
+    assert json.loads(out.stdout) == expected
 
 
 def test_chat_streams_with_an_attached_image_and_exits_on_eof(tiny_adapter, rgb_images):
