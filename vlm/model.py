@@ -27,7 +27,7 @@ from vlm.projector import build_projector
 from vlm.prompt import IGNORE_INDEX, ChatTokens, EncodedChat, encode_chat, normalize_messages
 from vlm.vision import VisionTower, build_vision_tower
 
-__all__ = ["ModelOutput", "VisionLanguageModel", "check_memory", "load"]
+__all__ = ["ModelOutput", "VisionLanguageModel", "build_model", "check_memory", "load"]
 
 logger = logging.getLogger(__name__)
 
@@ -183,8 +183,12 @@ class VisionLanguageModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        num_items: int | None = None,
     ) -> ModelOutput:
-        """With `labels` (B, T), the LM head runs only where a next-token label exists."""
+        """With `labels` (B, T), the LM head runs only where a next-token label exists.
+
+        The loss is the mean over this batch's label tokens, or their sum divided by `num_items` when
+        given (the label-token count of a whole accumulated or distributed global batch)."""
         embeds = self.embed(input_ids, pixel_values)
         if labels is None:
             logits = self.lm(inputs_embeds=embeds, attention_mask=attention_mask).logits
@@ -193,7 +197,10 @@ class VisionLanguageModel(nn.Module):
         targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
         keep = targets != IGNORE_INDEX
         logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep])  # (L, V)
-        loss = F.cross_entropy(logits.float(), targets[keep]) if logits.shape[0] else logits.sum() * 0.0
+        if num_items is None:
+            loss = F.cross_entropy(logits.float(), targets[keep]) if logits.shape[0] else logits.sum() * 0.0
+        else:
+            loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum") / num_items
         return ModelOutput(loss=loss, logits=logits, num_label_tokens=int(keep.sum()))
 
     # ----------------------------------------------------------------------------------------------
@@ -338,15 +345,24 @@ class VisionLanguageModel(nn.Module):
         self, images: Sequence[Any], batch_size: int = 8, prompt: str | None = None, **generation: Any
     ) -> list[str]:
         """Captions for many images, generated `batch_size` at a time with left padding."""
+        return self.ask_batch(images, [prompt or self.caption_prompt] * len(images), batch_size, **generation)
+
+    def ask_batch(
+        self, images: Sequence[Any], questions: Sequence[str], batch_size: int = 8, **generation: Any
+    ) -> list[str]:
+        """One answer per (image, question) pair, generated `batch_size` at a time with left padding."""
         if batch_size < 1:
             raise VLMError("batch_size must be at least 1")
+        if len(images) != len(questions):
+            raise VLMError(f"got {len(images)} images but {len(questions)} questions")
         options = GenerationOptions.from_kwargs(**generation)
-        question = prompt or self.caption_prompt
         results: list[str] = []
         for start in range(0, len(images), batch_size):
             chats = [
                 self.encode_messages([{"role": "user", "content": [{"type": "image", "image": im}, question]}])
-                for im in images[start : start + batch_size]
+                for im, question in zip(
+                    images[start : start + batch_size], questions[start : start + batch_size], strict=True
+                )
             ]
             texts = [""] * len(chats)
             with self._lock:
@@ -396,31 +412,27 @@ def check_memory(
         )
 
 
-def load(
-    source: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
-) -> VisionLanguageModel:
-    """Build a model from an adapter directory or a preset name (`causallm-14b`, `causallm-7b`).
+def _torch_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, str):
+        name = dtype
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ConfigError(f"unknown dtype {name!r}: use 'bfloat16', 'float16' or 'float32'")
+    return dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
-    Defaults: CUDA with bf16 when available, else CPU with fp32. A preset's projector is untrained.
-    """
+
+def build_model(
+    config: AdapterConfig,
+    base: Path | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> VisionLanguageModel:
+    """Load the backbones named by `config` (paths relative to `base`) around a freshly initialised
+    projector. Defaults: CUDA with bf16 when available, else CPU with fp32."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(source)
-    if str(source) in PRESETS:
-        config, base = AdapterConfig.from_dict(PRESETS[str(source)].to_dict()), None
-    elif path.is_dir() and (path / CONFIG_NAME).is_file():
-        config, base = AdapterConfig.load(path), path
-    else:
-        raise ConfigError(
-            f"{source!s} is neither an adapter directory (with {CONFIG_NAME}) nor a preset ({', '.join(PRESETS)})"
-        )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-        if not isinstance(dtype, torch.dtype):
-            raise ConfigError("dtype must be a torch dtype name such as 'bfloat16', 'float16' or 'float32'")
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-
+    dtype = _torch_dtype(dtype, device)
     lm_ref = _resolve(config.lm, base)
     try:
         lm_config = AutoConfig.from_pretrained(lm_ref)
@@ -435,14 +447,33 @@ def load(
             "reachable (HF_HUB_OFFLINE unset), or give a local path"
         ) from e
     vision = build_vision_tower(config, _resolve(config.vision_tower, base))
-    model = VisionLanguageModel(config, vision, lm, tokenizer)
-    if base is not None:
-        from safetensors.torch import load_file
+    return VisionLanguageModel(config, vision, lm, tokenizer).to(device=device, dtype=dtype)
 
-        weights = base / PROJECTOR_NAME
-        if not weights.is_file():
-            raise ConfigError(f"{base} has no {PROJECTOR_NAME}; was the training run finished?")
-        model.load_projector_state(load_file(str(weights)))
+
+def load(
+    source: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
+) -> VisionLanguageModel:
+    """Build a model from an adapter directory or a preset name (`causallm-14b`, `causallm-7b`).
+
+    Defaults: CUDA with bf16 when available, else CPU with fp32. A preset's projector is untrained.
+    """
+    path = Path(source)
+    if str(source) in PRESETS:
+        config, base = AdapterConfig.from_dict(PRESETS[str(source)].to_dict()), None
+    elif path.is_dir() and (path / CONFIG_NAME).is_file():
+        config, base = AdapterConfig.load(path), path
     else:
+        raise ConfigError(
+            f"{source!s} is neither an adapter directory (with {CONFIG_NAME}) nor a preset ({', '.join(PRESETS)})"
+        )
+    if base is not None and not (base / PROJECTOR_NAME).is_file():
+        raise ConfigError(f"{base} has no {PROJECTOR_NAME}; was the training run finished?")
+    model = build_model(config, base, device, dtype)
+    if base is None:
         logger.warning("preset %s: the projector is untrained; train one with vlm-train or load an adapter", source)
-    return model.to(device=device, dtype=dtype)
+        return model
+    from safetensors.torch import load_file
+
+    state = load_file(str(base / PROJECTOR_NAME), device=str(model.device))
+    model.load_projector_state({k: v.to(model.dtype) for k, v in state.items()})
+    return model

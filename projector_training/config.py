@@ -1,0 +1,207 @@
+"""TrainConfig: every setting of an alignment run, with a command line generated from its fields.
+
+Resolution order: the recipe's values, then a YAML file (`--config run.yaml`), then `--field value`
+flags. The resolved config is written to `train_config.yaml` in the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vlm.config import DEFAULT_SYSTEM_PROMPT
+from vlm.errors import ConfigError
+
+__all__ = ["TrainConfig", "parse_args"]
+
+
+@dataclass
+class TrainConfig:
+    """One alignment run. Fields map one-to-one to `vlm-train --field-name VALUE` flags."""
+
+    recipe: str = ""
+    """The preset these values started from (see `projector_training.recipes.RECIPES`)."""
+
+    # Backbones and projector
+    lm: str = ""
+    """Frozen causal LM: hub id (`CausalLM/14B`) or local path."""
+    vision_tower: str = "openai/clip-vit-large-patch14-336"
+    """Frozen CLIP: HF hub id / path, or an open_clip name, `hf-hub:` or `local-dir:` id."""
+    vision_backend: str = "hf"
+    """`hf` (transformers CLIPVisionModel) or `open_clip`."""
+    vision_pretrained: str | None = None
+    """open_clip pretrained tag or checkpoint file, for plain open_clip model names."""
+    select_layer: int = -2
+    """Tower hidden state fed to the projector (HF indexing; -2 is LLaVA-1.5's)."""
+    select_feature: str = "patch"
+    """`patch` (drop CLS) or `cls_patch`."""
+    image_aspect: str = "pad"
+    """`pad` (LLaVA-1.5), `resize` or `crop`."""
+    projector_type: str = "mlp2x_gelu"
+    """`linear` or `mlpNx_gelu`."""
+    init_projector: str | None = None
+    """Start from these projector weights: an adapter directory or a LLaVA mm_projector file (stage 2)."""
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    """System prompt of every training conversation that has none (never empty)."""
+    caption_prompt: str | None = None
+    """Default instruction of `model.caption()` for the trained adapter."""
+
+    # Data
+    data: str = ""
+    """LLaVA conversation records: a JSON list or JSONL file."""
+    image_root: str = "."
+    """Folder the records' image paths are relative to."""
+    max_length: int = 2048
+    """Longer samples are truncated (never inside an image) or dropped when nothing is left to learn."""
+    max_bad_fraction: float = 0.05
+    """Stop with an error when more than this share of samples is unusable."""
+    group_by_length: bool = True
+    """Batch samples of similar length together (less padding)."""
+    num_workers: int = 4
+    """DataLoader worker processes (image decoding and tokenization)."""
+
+    # Optimisation
+    global_batch_size: int = 256
+    """Samples per optimizer step over all processes (micro_batch_size x processes x accumulation)."""
+    micro_batch_size: int = 16
+    """Samples per forward pass on one process."""
+    epochs: int = 1
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (the schedule is laid out over them)."""
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"
+    """`cosine` (with linear warmup) or `constant` (with linear warmup)."""
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    max_nonfinite_steps: int = 10
+    """A step with a non-finite loss is skipped; more than this many stop the run."""
+    mixed_precision: str = "auto"
+    """`auto` (bf16 on GPU, fp32 on CPU), `bf16` or `no`."""
+    gradient_checkpointing: bool = False
+    """Recompute the frozen LM's activations in backward: less memory, about 30% slower."""
+    device: str = "auto"
+    """`auto` or `cpu` (accelerate picks the GPU for each process)."""
+    seed: int = 42
+
+    # Output
+    output_dir: str = "runs/run"
+    """Run directory: checkpoints, logs, the resolved config and the final adapter."""
+    save_every: int = 500
+    """Checkpoint every N optimizer steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept; older ones are removed only after a new one is complete."""
+    resume: str = "auto"
+    """`auto` (newest complete checkpoint in output_dir, if any), `no`, or a checkpoint directory."""
+    report_to: str = "tensorboard"
+    """`tensorboard`, `wandb` or `none`."""
+    toy_world: str = "default"
+    """`toy` recipe only: `default` (the full miniature world) or `micro` (seconds to build; learns nothing)."""
+
+    def __post_init__(self) -> None:
+        choices = {
+            "vision_backend": ("hf", "open_clip"),
+            "select_feature": ("patch", "cls_patch"),
+            "image_aspect": ("pad", "resize", "crop"),
+            "lr_schedule": ("cosine", "constant"),
+            "mixed_precision": ("auto", "bf16", "no"),
+            "device": ("auto", "cpu"),
+            "report_to": ("tensorboard", "wandb", "none"),
+            "toy_world": ("default", "micro"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        positive = ("global_batch_size", "micro_batch_size", "epochs", "max_length", "save_every", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if self.lr <= 0 or not 0 <= self.warmup_ratio < 1 or not 0 <= self.max_bad_fraction <= 1:
+            raise ConfigError("need lr > 0, 0 <= warmup_ratio < 1 and 0 <= max_bad_fraction <= 1")
+        if not self.system_prompt.strip():
+            raise ConfigError("system_prompt must not be empty: the CausalLM models require one")
+
+    def resolved_mixed_precision(self) -> str:
+        if self.mixed_precision != "auto":
+            return self.mixed_precision
+        import torch
+
+        return "bf16" if torch.cuda.is_available() and self.device != "cpu" else "no"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ConfigError(f"unknown training settings {unknown}")
+        return dataclasses.replace(self, **changes)
+
+
+def _field_type(field: dataclasses.Field) -> type:
+    hint = typing.get_type_hints(TrainConfig)[field.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return args[0]
+    return hint
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from projector_training.recipes import RECIPES
+
+    parser = argparse.ArgumentParser(
+        prog="vlm-train",
+        description="Align a vision projector to a frozen LM. Start from a recipe; override any field.",
+    )
+    parser.add_argument("--recipe", choices=sorted(RECIPES), required=True)
+    parser.add_argument("--config", type=Path, default=None, help="YAML file of field overrides")
+    for field in dataclasses.fields(TrainConfig):
+        if field.name == "recipe":
+            continue
+        kind = _field_type(field)
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"),
+            dest=field.name,
+            type=_parse_bool if kind is bool else kind,
+            default=None,
+            metavar=kind.__name__.upper(),
+        )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    from projector_training.recipes import RECIPES
+
+    args = parser_args = build_parser().parse_args(argv)
+    cfg = RECIPES[args.recipe]
+    if args.config is not None:
+        if not args.config.is_file():
+            raise ConfigError(f"config file not found: {args.config}")
+        overrides = yaml.safe_load(args.config.read_text()) or {}
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{args.config} must hold a mapping of field: value")
+        cfg = cfg.replace(**overrides)
+    flags = {k: v for k, v in vars(parser_args).items() if k not in ("recipe", "config") and v is not None}
+    return cfg.replace(**flags)

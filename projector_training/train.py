@@ -1,0 +1,399 @@
+"""Align a projector between a frozen CLIP tower and a frozen causal LM. Read top to bottom.
+
+    vlm-train --recipe llava15-stage1-14b --data blip_laion_cc_sbu_558k.json --image-root images/
+    accelerate launch --config_file configs/ddp.yaml -m projector_training --recipe ...   # several GPUs
+    vlm-train --recipe toy                                                                 # offline demo
+
+The story: resolve the config -> build the model (only the projector trains) -> load the records ->
+resume from the newest complete checkpoint if there is one -> loop over global batches (gradient
+accumulation, loss normalised by the global batch's label-token count, non-finite guard, clipping,
+AdamW, cosine schedule) -> atomic checkpoints -> the final adapter directory that `vlm.load` opens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from projector_training.config import TrainConfig, parse_args
+from projector_training.data import (
+    Collator,
+    ConversationDataset,
+    DataError,
+    GlobalBatchSampler,
+    load_records,
+    record_images,
+)
+from vlm.config import PROJECTOR_NAME, AdapterConfig
+from vlm.errors import VLMError
+from vlm.model import VisionLanguageModel, build_model
+from vlm.projector import load_llava_projector
+from vlm.prompt import IGNORE_INDEX
+
+__all__ = ["TrainState", "freeze", "main", "train"]
+
+logger = logging.getLogger("projector_training")
+
+CHECKPOINTS = "checkpoints"
+STATE = "trainer_state.json"
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must hold besides weights to continue exactly."""
+
+    step: int = 0
+    samples: int = 0
+    skipped: int = 0
+    nonfinite_steps: int = 0
+    last_loss: float = float("nan")
+    elapsed: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model
+
+
+def freeze(model: VisionLanguageModel, log: Any = logger.info) -> list[torch.nn.Parameter]:
+    """Only the projector trains. Logs each part as frozen or trainable; returns the trainable params."""
+    model.vision.requires_grad_(False)
+    model.lm.requires_grad_(False)
+    model.projector.requires_grad_(True)
+    for name, part in (("vision tower", model.vision), ("projector", model.projector), ("language model", model.lm)):
+        count = sum(p.numel() for p in part.parameters())
+        state = "trainable" if any(p.requires_grad for p in part.parameters()) else "frozen"
+        log(f"{name:>14}: {state:9} {count / 1e6:10.2f}M parameters")
+    return list(model.projector.parameters())
+
+
+def adapter_config(cfg: TrainConfig) -> AdapterConfig:
+    return AdapterConfig(
+        lm=cfg.lm,
+        vision_tower=cfg.vision_tower,
+        vision_backend=cfg.vision_backend,
+        vision_pretrained=cfg.vision_pretrained,
+        select_layer=cfg.select_layer,
+        select_feature=cfg.select_feature,
+        image_aspect=cfg.image_aspect,
+        projector_type=cfg.projector_type,
+        system_prompt=cfg.system_prompt,
+        max_length=max(cfg.max_length, 4096),
+        extra={"recipe": cfg.recipe, **({"caption_prompt": cfg.caption_prompt} if cfg.caption_prompt else {})},
+    )
+
+
+def init_projector(model: VisionLanguageModel, cfg: TrainConfig) -> None:
+    """Seeded default init, or weights from an adapter directory / LLaVA mm_projector file."""
+    torch.manual_seed(cfg.seed)
+    for module in model.projector:
+        if isinstance(module, torch.nn.Linear):
+            module.reset_parameters()
+    if cfg.init_projector:
+        source = Path(cfg.init_projector)
+        if source.is_dir():
+            from safetensors.torch import load_file
+
+            state = load_file(str(source / PROJECTOR_NAME))
+        else:
+            state = load_llava_projector(source)
+        model.load_projector_state({k: v.float() for k, v in state.items()})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints: written to a temporary directory, renamed into place, older ones pruned afterwards.
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def save_checkpoint(
+    run_dir: Path, model: VisionLanguageModel, optimizer: Any, scheduler: Any, state: TrainState, keep: int
+) -> Path:
+    from safetensors.torch import save_file
+
+    root = run_dir / CHECKPOINTS
+    final = root / f"step-{state.step:08d}"
+    tmp = root / f".tmp-step-{state.step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    projector = {k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()}
+    save_file(projector, str(tmp / PROJECTOR_NAME))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(_rng_state(), tmp / "rng.pt")
+    (tmp / STATE).write_text(json.dumps(state.__dict__, indent=2))  # written last: marks completeness
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint; interrupted writes (`.tmp-*` or no state file) are ignored."""
+    candidates = sorted(p for p in (run_dir / CHECKPOINTS).glob("step-*") if (p / STATE).is_file())
+    return candidates[-1] if candidates else None
+
+
+def load_checkpoint(path: Path, model: VisionLanguageModel, optimizer: Any, scheduler: Any) -> TrainState:
+    from safetensors.torch import load_file
+
+    model.load_projector_state(load_file(str(path / PROJECTOR_NAME), device=str(model.device)))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=model.device, weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=False)  # our own file: python/numpy RNG tuples
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    return TrainState(**json.loads((path / STATE).read_text()))
+
+
+def save_adapter(run_dir: Path, model: VisionLanguageModel) -> None:
+    """The final adapter in the run directory, each file replaced atomically."""
+    tmp = run_dir / ".tmp-adapter"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_adapter(tmp)
+    for name in ("adapter_config.json", PROJECTOR_NAME):
+        os.replace(tmp / name, run_dir / name)
+    tmp.rmdir()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+
+
+def check_images(
+    records: list[dict[str, Any]], image_root: Path, max_bad_fraction: float, log: Any
+) -> list[dict[str, Any]]:
+    """Drop records whose image files are missing; stop if too many are."""
+    good = [r for r in records if all((image_root / p).is_file() for p in record_images(r))]
+    missing = len(records) - len(good)
+    if missing:
+        log(f"skipping {missing} of {len(records)} records with missing image files under {image_root}")
+    if records and missing / len(records) > max_bad_fraction:
+        raise DataError(
+            f"{missing} of {len(records)} records ({missing / len(records):.1%}) have missing images, more than "
+            f"max_bad_fraction={max_bad_fraction:.1%}; check --image-root ({image_root})"
+        )
+    return good
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: TrainConfig) -> Path:
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    run_dir = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=cfg.resolved_mixed_precision(),
+        cpu=cfg.device == "cpu",
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_dir=str(run_dir),
+    )
+    world = accelerator.num_processes
+    if cfg.global_batch_size % (cfg.micro_batch_size * world):
+        raise DataError(
+            f"global_batch_size {cfg.global_batch_size} must be a multiple of micro_batch_size x processes "
+            f"({cfg.micro_batch_size} x {world})"
+        )
+    accum = cfg.global_batch_size // (cfg.micro_batch_size * world)
+    log = logger.info if accelerator.is_main_process else (lambda *_: None)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "train_config.yaml")
+    log(f"run directory {run_dir}; {world} process(es), micro-batch {cfg.micro_batch_size}, accumulation {accum}")
+
+    # 1. The model: frozen tower and LM in the compute dtype, fp32 projector (the trainable master weights).
+    lm_dtype = torch.bfloat16 if cfg.resolved_mixed_precision() == "bf16" else torch.float32
+    model = build_model(adapter_config(cfg), device=accelerator.device, dtype=lm_dtype)
+    model.projector.float()
+    init_projector(model, cfg)
+    params = freeze(model, log)
+    if cfg.gradient_checkpointing:
+        model.lm.gradient_checkpointing_enable()
+
+    # 2. The data.
+    image_root = Path(cfg.image_root)
+    records = check_images(load_records(cfg.data), image_root, cfg.max_bad_fraction, log)
+    dataset = ConversationDataset(records, image_root, model, cfg.max_length)
+    lengths = [dataset.length(i) for i in range(len(dataset))]
+
+    # 3. Optimiser and schedule over the whole run.
+    steps_per_epoch = len(records) // cfg.global_batch_size
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    if total_steps < 1:
+        raise DataError(f"{len(records)} usable records make no full global batch of {cfg.global_batch_size}")
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps
+    )
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    schedule = get_cosine_schedule_with_warmup if cfg.lr_schedule == "cosine" else get_constant_schedule_with_warmup
+    scheduler = schedule(optimizer, warmup, total_steps) if cfg.lr_schedule == "cosine" else schedule(optimizer, warmup)
+
+    # 4. Resume from the newest complete checkpoint.
+    state = TrainState()
+    resume_from = _resume_path(cfg, run_dir)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        log(f"resumed from {resume_from} at step {state.step}")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    core: VisionLanguageModel = accelerator.unwrap_model(model)
+
+    sampler = GlobalBatchSampler(
+        lengths, cfg.global_batch_size, world, accelerator.process_index, accum, cfg.seed,
+        group_by_length=cfg.group_by_length, start_step=state.step, epochs=cfg.epochs,
+    )  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=Collator(core.pad_id), num_workers=cfg.num_workers
+    )
+    if cfg.report_to != "none":
+        accelerator.init_trackers("train", config=cfg.to_dict())
+
+    # 5. The loop: one optimizer step per global batch.
+    batches = iter(loader)
+    bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="align")
+    started, start_samples = time.time() - state.elapsed, state.samples
+    model.train()
+    grad_norm = torch.tensor(float("nan"))
+
+    def total(count: int) -> int:
+        """Sum of a per-process count over all processes."""
+        return int(accelerator.reduce(torch.tensor(count, device=accelerator.device), "sum"))
+
+    while state.step < total_steps:
+        micro = [next(batches) for _ in range(accum)]
+        num_items = total(sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro))
+        step_loss = torch.zeros((), device=accelerator.device)
+        for i, m in enumerate(micro):
+            sync = i == accum - 1
+            with nullcontext() if sync or world == 1 else accelerator.no_sync(model):
+                if m["num_samples"] == 0:  # every sample was unusable: keep the processes in step
+                    loss = sum(p.sum() for p in params) * 0.0
+                else:
+                    with accelerator.autocast():
+                        out = model(
+                            input_ids=m["input_ids"].to(accelerator.device),
+                            attention_mask=m["attention_mask"].to(accelerator.device),
+                            pixel_values=_to(m["pixel_values"], accelerator.device),
+                            labels=m["labels"].to(accelerator.device),
+                            num_items=max(num_items, 1),
+                        )
+                    loss = out.loss
+                # DDP averages gradients over processes; scale so the result is sum / global label tokens.
+                accelerator.backward(loss * world)
+                step_loss += loss.detach()
+        step_loss = accelerator.reduce(step_loss, "sum")
+        batch_samples = total(sum(m["num_samples"] for m in micro))
+        skipped = total(sum(m["num_skipped"] for m in micro))
+
+        if not torch.isfinite(step_loss):
+            optimizer.zero_grad(set_to_none=True)
+            state.nonfinite_steps += 1
+            log(f"step {state.step}: non-finite loss, update skipped ({state.nonfinite_steps} so far)")
+            if state.nonfinite_steps > cfg.max_nonfinite_steps:
+                raise VLMError(
+                    f"{state.nonfinite_steps} steps had a non-finite loss (limit {cfg.max_nonfinite_steps}); "
+                    "lower the learning rate or check the data"
+                )
+        else:
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.last_loss = float(step_loss)
+        scheduler.step()
+        state.step += 1
+        state.samples += batch_samples
+        state.skipped += skipped
+        seen = state.samples + state.skipped
+        if seen and state.skipped / seen > cfg.max_bad_fraction and seen >= cfg.global_batch_size * 4:
+            raise DataError(
+                f"{state.skipped} of {seen} samples were unusable (unreadable images or malformed records), "
+                f"more than max_bad_fraction={cfg.max_bad_fraction:.1%}"
+            )
+        state.elapsed = time.time() - started
+        rate = (state.samples - start_samples) / max(1e-9, time.time() - started - 0.0)
+        lr = scheduler.get_last_lr()[0]
+        bar.set_postfix(loss=f"{state.last_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+        bar.update(1)
+        if cfg.report_to != "none":
+            accelerator.log(
+                {"loss": state.last_loss, "lr": lr, "grad_norm": float(grad_norm), "samples_per_s": rate},
+                step=state.step,
+            )
+        if accelerator.is_main_process and (state.step % cfg.save_every == 0 or state.step == total_steps):
+            save_checkpoint(run_dir, core, optimizer, scheduler, state, cfg.keep_checkpoints)
+        accelerator.wait_for_everyone()
+    bar.close()
+
+    if accelerator.is_main_process:
+        save_adapter(run_dir, core)
+        summary = {
+            "steps": state.step,
+            "samples": state.samples,
+            "skipped": state.skipped,
+            "nonfinite_steps": state.nonfinite_steps,
+            "seconds": round(state.elapsed, 1),
+            "final_loss": state.last_loss,
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log("summary: " + json.dumps(summary))
+    accelerator.end_training()
+    return run_dir
+
+
+def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device)
+
+
+def _resume_path(cfg: TrainConfig, run_dir: Path) -> Path | None:
+    if cfg.resume == "no":
+        return None
+    if cfg.resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(cfg.resume)
+    if not (path / STATE).is_file():
+        raise DataError(f"--resume {path}: not a complete checkpoint directory (no {STATE})")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    logger.setLevel(logging.INFO)
+    try:
+        cfg = parse_args(argv)
+        if cfg.recipe == "toy":
+            from projector_training.recipes import run_toy
+
+            run_toy(cfg)
+        else:
+            train(cfg)
+    except VLMError as e:
+        if os.environ.get("VLM_DEBUG"):
+            raise
+        print(f"vlm-train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

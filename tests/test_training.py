@@ -1,0 +1,246 @@
+"""The alignment loop on the micro miniature world: exact resume after SIGKILL, interrupted checkpoint
+writes, one process vs two under accelerate, and the data edge cases."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import vlm
+from projector_training.config import TrainConfig, parse_args
+from projector_training.data import GlobalBatchSampler, load_records, record_to_messages, truncate
+from projector_training.train import check_images, train
+from vlm.errors import ConfigError, VLMError
+from vlm.prompt import IGNORE_INDEX, EncodedChat
+
+
+@pytest.fixture(scope="session")
+def micro_world(tmp_path_factory):
+    from projector_training.toy import ToyConfig, ensure_toy_world
+
+    return ensure_toy_world(tmp_path_factory.mktemp("micro_world"), config=ToyConfig.micro(), log=lambda *_: None)
+
+
+def _flags(world, out: Path, **overrides) -> list[str]:
+    settings = {
+        "lm": world.lm_dir,
+        "vision-tower": world.vision_tower,
+        "vision-backend": "open_clip",
+        "data": world.train_json,
+        "image-root": world.world_dir,
+        "output-dir": out,
+        "global-batch-size": 8,
+        "micro-batch-size": 4,
+        "max-steps": 8,
+        "save-every": 2,
+        "num-workers": 0,
+        "device": "cpu",
+        "mixed-precision": "no",
+        "report-to": "none",
+        "lr": 1e-3,
+        "seed": 5,
+    }
+    settings.update(overrides)
+    return ["--recipe", "llava15-stage1-7b", *(f"--{k}={v}" for k, v in settings.items())]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _projector(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "projector.safetensors"))
+
+
+def _train_subprocess(world, out: Path, **overrides) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "projector_training", *_flags(world, out, **overrides)]
+    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="session")
+def reference_run(micro_world, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    proc = _train_subprocess(micro_world, out)
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log
+    return out
+
+
+def test_final_adapter_loads_and_summary_is_written(reference_run):
+    summary = json.loads((reference_run / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["samples"] == 64 and summary["skipped"] == 0
+    model = vlm.load(reference_run, device="cpu")
+    assert model.config.vision_backend == "open_clip"
+    assert (reference_run / "train_config.yaml").is_file()
+    assert sorted(p.name for p in (reference_run / "checkpoints").iterdir()) == ["step-00000006", "step-00000008"]
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_exact(micro_world, reference_run, tmp_path):
+    out = tmp_path / "run"
+    proc = _train_subprocess(micro_world, out)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-00000004" / "trainer_state.json").is_file():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "projector.safetensors").exists()  # it really died before the end
+    resumed = _train_subprocess(micro_world, out)
+    log, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, log
+    assert "resumed from" in log
+    ours, reference = _projector(out), _projector(reference_run)
+    assert all(torch.equal(ours[k], reference[k]) for k in reference)
+
+
+def test_interrupted_checkpoint_write_resumes_from_the_previous_one(micro_world, reference_run, tmp_path, monkeypatch):
+    cfg = parse_args(_flags(micro_world, tmp_path / "run"))
+    real_save = torch.save
+
+    def failing_save(obj, path, *args, **kwargs):
+        if ".tmp-step-00000004" in str(path):
+            raise OSError("disk full (simulated)")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="simulated"):
+        train(cfg)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / ".tmp-step-00000004").is_dir() and (checkpoints / "step-00000002").is_dir()
+    monkeypatch.setattr(torch, "save", real_save)
+    train(cfg)
+    ours, reference = _projector(tmp_path / "run"), _projector(reference_run)
+    assert all(torch.equal(ours[k], reference[k]) for k in reference)
+
+
+def test_two_processes_match_one_process(micro_world, reference_run, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "projector_training", *_flags(micro_world, out, **{"micro-batch-size": 4}),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ours, reference = _projector(out), _projector(reference_run)
+    assert max((ours[k] - reference[k]).abs().max().item() for k in reference) <= 1e-5
+
+
+def test_nonfinite_losses_are_skipped_then_abort(micro_world, tmp_path):
+    cfg = parse_args(
+        _flags(micro_world, tmp_path / "nan", lr=1e30, **{"max-nonfinite-steps": 1, "max-grad-norm": 1e30})
+    )
+    with pytest.raises(VLMError, match="non-finite loss"):
+        train(cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data edge cases
+
+
+def _record(*turns, image=None):
+    record = {"id": "r", "conversations": [{"from": f, "value": v} for f, v in turns]}
+    if image is not None:
+        record["image"] = image
+    return record
+
+
+def _texts(messages):
+    return [(m["role"], [p.get("text", "IMG") for p in m["content"]]) for m in messages]
+
+
+def test_records_text_only_multi_turn_and_image_positions(tmp_path):
+    root = tmp_path
+    text_only = record_to_messages(_record(("human", "hi"), ("gpt", "hello")), root)
+    assert _texts(text_only) == [("user", ["hi"]), ("assistant", ["hello"])]
+
+    start = record_to_messages(_record(("human", "<image>\nWhat?"), ("gpt", "A."), image="a.png"), root)
+    assert _texts(start)[0] == ("user", ["IMG", "What?"])
+    end = record_to_messages(
+        _record(("human", "Render a clear and concise summary of the photo.\n<image>"), ("gpt", "A."), image="a.png"),
+        root,
+    )
+    assert _texts(end)[0] == ("user", ["Render a clear and concise summary of the photo.\n", "IMG"])
+
+    two = record_to_messages(
+        _record(("human", "<image> vs <image>"), ("gpt", "same"), ("human", "sure?"), ("gpt", "yes"), image=["a", "b"]),
+        root,
+    )
+    assert [p["image"] for p in two[0]["content"] if p["type"] == "image"] == [root / "a", root / "b"]
+    assert [m["role"] for m in two] == ["user", "assistant", "user", "assistant"]
+
+    implicit = record_to_messages(_record(("system", "Be short."), ("human", "Q"), ("gpt", "A"), image="a"), root)
+    assert _texts(implicit)[1] == ("user", ["IMG", "Q"])  # placed before the first human turn, as LLaVA does
+
+    with pytest.raises(VLMError, match="2 <image> marks for 1 images"):
+        record_to_messages(_record(("human", "<image><image>"), ("gpt", "x"), image="a"), root)
+
+
+def test_json_and_jsonl_and_missing_images(tmp_path):
+    records = [_record(("human", "<image>\nQ"), ("gpt", "A"), image=f"img{i}.png") for i in range(4)]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    assert load_records(tmp_path / "d.json") == load_records(tmp_path / "d.jsonl") == records
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"img{i}.png")
+    assert len(check_images(records, tmp_path, 0.5, lambda *_: None)) == 3
+    with pytest.raises(VLMError, match="missing images"):
+        check_images(records, tmp_path, 0.1, lambda *_: None)
+
+
+def test_overlong_samples_truncate_outside_images_or_drop():
+    image = 99
+    chat = EncodedChat([1, 2, image, image, image, 3, 4, 5], [IGNORE_INDEX] * 5 + [3, 4, 5], ["a"])
+    assert truncate(chat, 8, image) is chat
+    cut = truncate(chat, 7, image)
+    assert cut.input_ids == [1, 2, image, image, image, 3, 4] and cut.images == ["a"]
+    assert truncate(chat, 4, image) is None  # the cut would split the image, and no label is left
+    labelled_first = EncodedChat([1, 5, 6, image, image], [IGNORE_INDEX, 5, 6, IGNORE_INDEX, IGNORE_INDEX], ["a"])
+    short = truncate(labelled_first, 4, image)
+    assert short.input_ids == [1, 5, 6] and short.images == []
+
+
+def test_dataset_skips_unreadable_images(micro_world, tmp_path):
+    from projector_training.data import ConversationDataset
+    from projector_training.train import adapter_config
+    from vlm.model import build_model
+
+    (tmp_path / "bad.png").write_text("not an image")
+    records = [_record(("human", "<image>\nQ"), ("gpt", "A"), image="bad.png")]
+    cfg = TrainConfig(lm=str(micro_world.lm_dir), vision_tower=micro_world.vision_tower, vision_backend="open_clip")
+    model = build_model(adapter_config(cfg), device="cpu")
+    assert ConversationDataset(records, tmp_path, model, 64)[0] is None
+
+
+def test_sampler_resume_and_sharding():
+    lengths = list(range(40))
+    full = GlobalBatchSampler(lengths, 8, 1, 0, 2, seed=1, epochs=2)
+    batches = list(full)
+    assert len(batches) == len(full) == 20 and all(len(b) == 4 for b in batches)
+    assert list(GlobalBatchSampler(lengths, 8, 1, 0, 2, seed=1, epochs=2, start_step=3)) == batches[6:]
+    ranks = [list(GlobalBatchSampler(lengths, 8, 2, r, 1, seed=1, epochs=2)) for r in range(2)]
+    assert [sorted(a + b) for a, b in zip(ranks[0], ranks[1], strict=True)] == [
+        sorted(batches[i] + batches[i + 1]) for i in range(0, 20, 2)
+    ]
+
+
+def test_bad_settings_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        parse_args(["--recipe", "toy", "--mixed-precision", "fp8"])
+    (tmp_path / "bad.yaml").write_text("colour: red\n")
+    with pytest.raises(ConfigError, match="unknown training settings"):
+        parse_args(["--recipe", "toy", "--config", str(tmp_path / "bad.yaml")])
+    (tmp_path / "ok.yaml").write_text("lr: 0.5\nepochs: 3\n")
+    cfg = parse_args(["--recipe", "toy", "--config", str(tmp_path / "ok.yaml"), "--epochs", "4"])
+    assert (cfg.lr, cfg.epochs) == (0.5, 4)
