@@ -216,3 +216,14 @@ def test_llava_projector_files_load(tmp_path, kind):
     torch.save({"model.vision_tower.w": torch.zeros(1)}, tmp_path / "bad.bin")
     with pytest.raises(ConfigError, match="unexpected key"):
         load_llava_projector(tmp_path / "bad.bin")
+
+
+def test_static_cache_decoding_gives_the_same_tokens_as_the_plain_path(tiny_adapter, rgb_images):
+    model = vlm.load(tiny_adapter, device="cpu")
+    model.decode_mode = "dynamic"
+    plain = model.caption_batch(rgb_images, batch_size=3, max_new_tokens=24)  # left-padded batch
+    sampled = model.caption(rgb_images[0], max_new_tokens=24, temperature=1.0, seed=3)
+    model.decode_mode = "static"
+    assert model.caption_batch(rgb_images, batch_size=3, max_new_tokens=24) == plain
+    assert model.caption(rgb_images[0], max_new_tokens=24, temperature=1.0, seed=3) == sampled
+    assert model._decoder is not None and model._decoder.max_len % 256 == 0

@@ -21,6 +21,7 @@ from torch import nn
 
 from vlm.config import CONFIG_NAME, PRESETS, PROJECTOR_NAME, AdapterConfig
 from vlm.errors import ConfigError, InsufficientMemoryError, PromptError, VLMError
+from vlm.fast_decode import StaticDecoder, supports_static_decode
 from vlm.generation import GenerationOptions, TextAssembler, TokenSelector
 from vlm.images import load_image
 from vlm.projector import build_projector
@@ -97,6 +98,10 @@ class VisionLanguageModel(nn.Module):
         # transformers renamed `past_key_values` to `cache`; use whichever this version's LM takes.
         self._cache_kwarg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
         self._lock = threading.Lock()
+        self.decode_mode = "auto"
+        """`auto` (static cache + CUDA graph on GPU for Llama LMs, else plain), `cuda_graph`, `static`
+        (static cache without graph capture) or `dynamic` (transformers' DynamicCache)."""
+        self._decoder: StaticDecoder | None = None
 
     def train(self, mode: bool = True) -> VisionLanguageModel:
         # Only the projector trains; the frozen LM and tower keep dropout and the like switched off.
@@ -256,6 +261,7 @@ class VisionLanguageModel(nn.Module):
 
         select = TokenSelector(options, self.tokenizer, self.suppress_ids, self.device)
         stop_ids = torch.tensor(self.stop_ids, device=self.device)
+        static = self._static_decoder(input_ids.shape[0], input_ids.shape[1] + options.max_new_tokens)
         embeds = self.embed(input_ids, pixel_values)  # (B, T, H)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens from 0
         cache = DynamicCache(config=self.lm.config)
@@ -267,25 +273,47 @@ class VisionLanguageModel(nn.Module):
             logits_to_keep=1,
             **{self._cache_kwarg: cache},
         )
+        logits = out.logits[:, -1]  # (B, V)
+        if static is not None:
+            static.load_prefill(cache, attention_mask)
+            del cache
         sequence = input_ids
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)
-        for _ in range(options.max_new_tokens):
-            next_ids = select(sequence, out.logits[:, -1])  # (B,)
+        for step in range(options.max_new_tokens):
+            next_ids = select(sequence, logits)  # (B,)
             next_ids = torch.where(done, torch.full_like(next_ids, self.pad_id), next_ids)
             yield next_ids
             done |= torch.isin(next_ids, stop_ids)
             if bool(done.all()):
                 return
             sequence = torch.cat([sequence, next_ids[:, None]], dim=1)
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
             position_ids = position_ids[:, -1:] + 1
-            out = self.lm(
+            if static is not None:
+                logits = static.step(next_ids, position_ids, slot=input_ids.shape[1] + step)
+                continue
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            logits = self.lm(
                 input_ids=next_ids[:, None],
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 use_cache=True,
                 **{self._cache_kwarg: cache},
-            )
+            ).logits[:, -1]
+
+    def _static_decoder(self, batch_size: int, length: int) -> StaticDecoder | None:
+        """The static-cache decoder for this batch size (reused while it is long enough), or None for
+        the plain path. Cache lengths are rounded up so one captured graph serves many prompts."""
+        mode = self.decode_mode
+        if mode == "auto":
+            mode = "cuda_graph" if self.device.type == "cuda" and supports_static_decode(self.lm) else "dynamic"
+        if mode == "dynamic":
+            return None
+        current = self._decoder
+        if current is None or current.batch_size != batch_size or current.max_len < length:
+            self._decoder = None  # free the old cache before allocating the new one
+            bucket = -(-length // 256) * 256
+            self._decoder = StaticDecoder(self.lm, batch_size, bucket, use_cuda_graph=mode == "cuda_graph")
+        return self._decoder
 
     def _stream(self, chats: Sequence[EncodedChat], options: GenerationOptions) -> Iterator[list[str]]:
         """Yield, per step, the new text of each row (empty for rows with nothing new)."""

@@ -1,0 +1,355 @@
+"""Ours against stock transformers LLaVA, same weights, same card, same run. Prints JSON.
+
+Random weights in the exact CausalLM 14B / 7B shapes with a CLIP ViT-L/14-336 tower (no downloads):
+speed does not depend on the values. Stock transformers is `LlavaForConditionalGeneration` built
+around the *same* modules (no second copy of the weights), run with SDPA attention in bf16.
+
+    python benchmarks/bench_gpu.py --models 14b,7b --out benchmarks/results/h200.json
+    python benchmarks/bench_gpu.py --tiny            # the same code on the CPU in seconds
+
+Measured per model: stage-1 training samples/s, model FLOP utilisation and peak memory at each
+power-of-two batch until out of memory; time to first token (image + question, 610-token prompt);
+single-stream decode tokens/s and the time to the first fast reply; batched captioning images/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vlm.config import AdapterConfig
+from vlm.generation import GenerationOptions
+from vlm.model import VisionLanguageModel
+from vlm.vision import HFCLIPTower
+
+SHAPES = {
+    "14b": {"hidden_size": 5120, "intermediate_size": 13696, "num_hidden_layers": 40, "num_attention_heads": 40,
+            "vocab_size": 152064, "rms_norm_eps": 1e-6},
+    "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "vocab_size": 151936, "rms_norm_eps": 1e-5},
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "vocab_size": 160, "rms_norm_eps": 1e-6},
+}  # fmt: skip
+CLIP_L336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+             "image_size": 336, "patch_size": 14}  # fmt: skip
+CLIP_TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+             "image_size": 32, "patch_size": 8}  # fmt: skip
+TEXT_TOKENS = 34  # system prompt, question and answer around the image
+LABEL_TOKENS = 12  # the answer
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+class _Vision(HFCLIPTower):
+    """An HF CLIP tower around an in-memory random CLIPVisionModel."""
+
+    def __init__(self, model: CLIPVisionModel):
+        torch.nn.Module.__init__(self)
+        self.select_layer, self.select_feature, self.aspect = -2, "patch", "pad"
+        self.model = model
+        config = model.config
+        self.hidden_size, self.image_size, self.patch_size = config.hidden_size, config.image_size, config.patch_size
+        self.mean = self.std = (0.5, 0.5, 0.5)
+        self.freeze()
+
+
+def build(size: str, device: torch.device, dtype: torch.dtype) -> tuple[VisionLanguageModel, Any]:
+    """(ours, stock) sharing every weight."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from projector_training.toy.tokenizer import build_tokenizer
+
+    tiny = size == "tiny"
+    lm_config = LlamaConfig(**SHAPES[size], max_position_embeddings=8192, tie_word_embeddings=False)
+    lm_config._attn_implementation = "sdpa"
+    vision_config = CLIPVisionConfig(**(CLIP_TINY if tiny else CLIP_L336))
+    vision_config._attn_implementation = "sdpa"
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # allocate in the target dtype: a 14B fp32 detour would not fit an H100
+    try:
+        with torch.device(device):
+            lm = LlamaForCausalLM(lm_config).eval()
+            vision = _Vision(CLIPVisionModel(vision_config))
+    finally:
+        torch.set_default_dtype(default_dtype)
+    tokenizer = build_tokenizer(["user assistant system image text"], vocab_size=256 + 20)
+    config = AdapterConfig(lm=f"random-{size}", vision_tower="random-clip", image_token_id=lm_config.vocab_size - 1)
+    ours = VisionLanguageModel(config, vision, lm, tokenizer).to(device)
+    ours.projector.float()  # fp32 master weights, as in training
+    # Random weights: decode a fixed number of tokens, never stopping early.
+    ours.stop_ids, ours.suppress_ids = [-1], [config.image_token_id]
+
+    with torch.device("meta"):
+        stock = LlavaForConditionalGeneration(
+            LlavaConfig(
+                vision_config=vision_config.to_dict(),
+                text_config=lm_config.to_dict(),
+                image_token_id=config.image_token_id,
+                vision_feature_layer=-2,
+                vision_feature_select_strategy="default",
+                image_seq_length=ours.num_image_tokens,
+            )
+        )
+    stock.model.vision_tower = vision.model
+    stock.model.multi_modal_projector.linear_1 = ours.projector[0]
+    stock.model.multi_modal_projector.linear_2 = ours.projector[2]
+    stock.model.language_model = lm.model
+    stock.lm_head = lm.lm_head
+    stock.config._attn_implementation = "sdpa"
+    return ours, stock.eval()
+
+
+def inputs(ours: VisionLanguageModel, batch: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """`batch` prompts of one image + TEXT_TOKENS text tokens, with the answer labelled."""
+    g = torch.Generator().manual_seed(seed)
+    n = ours.num_image_tokens
+    text = torch.randint(0, ours.config.image_token_id - 1, (batch, TEXT_TOKENS), generator=g)
+    image = torch.full((batch, n), ours.config.image_token_id)
+    ids = torch.cat([text[:, :8], image, text[:, 8:]], dim=1)  # system prompt, image, question + answer
+    labels = torch.full_like(ids, -100)
+    labels[:, -LABEL_TOKENS:] = ids[:, -LABEL_TOKENS:]
+    size = ours.vision.image_size
+    pixels = torch.randn((batch, 3, size, size), generator=g)
+    return {
+        "input_ids": ids.to(device),
+        "labels": labels.to(device),
+        "pixel_values": pixels.to(device, ours.vision_dtype),
+        "attention_mask": torch.ones_like(ids).to(device),
+    }
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> float:
+    """Median seconds of `fn` after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def flops_per_sample(ours: VisionLanguageModel) -> float:
+    """Model FLOPs of one training sample: LM forward + input-gradient backward, plus the tower forward.
+    The same count for both sides, so utilisation ratios equal speed ratios."""
+    lm_params = sum(p.numel() for n, p in ours.lm.named_parameters() if "embed_tokens" not in n)
+    vision_params = sum(p.numel() for p in ours.vision.parameters())
+    tokens = ours.num_image_tokens + TEXT_TOKENS
+    return 2 * 2 * lm_params * tokens + 2 * vision_params * (ours.num_image_tokens + 1)
+
+
+def bench_training(ours, stock, device, batches: list[int], repeats: int, peak: float | None) -> dict[str, Any]:
+    params = list(ours.projector.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    results: dict[str, Any] = {"ours": {}, "stock": {}}
+    for side, model in (("stock", stock), ("ours", ours)):
+        for batch in batches:
+            data = inputs(ours, batch, device)
+
+            def step(model=model, data=data) -> None:
+                with autocast:
+                    if model is ours:
+                        loss = ours(data["input_ids"], None, data["pixel_values"], labels=data["labels"]).loss
+                    else:
+                        loss = stock(
+                            input_ids=data["input_ids"], pixel_values=data["pixel_values"], labels=data["labels"]
+                        ).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                seconds = timed(step, device, repeats, warmup=2)
+            except torch.OutOfMemoryError:
+                optimizer.zero_grad(set_to_none=True)
+                results[side][str(batch)] = "out of memory"
+                break
+            entry = {"samples_per_s": round(batch / seconds, 2)}
+            if device.type == "cuda":
+                entry["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 1)
+            if peak:
+                entry["mfu"] = round(flops_per_sample(ours) * batch / seconds / peak, 3)
+            results[side][str(batch)] = entry
+    for side in ("ours", "stock"):
+        fits = {int(b): r for b, r in results[side].items() if isinstance(r, dict)}
+        results[side]["best"] = {"batch": max(fits), **fits[max(fits)]} if fits else None
+    if results["ours"]["best"] and results["stock"]["best"]:
+        results["speedup_at_largest_batch"] = round(
+            results["ours"]["best"]["samples_per_s"] / results["stock"]["best"]["samples_per_s"], 3
+        )
+    return results
+
+
+@torch.inference_mode()
+def bench_generation(ours, stock, device, decode_tokens: int, caption_images: int, caption_tokens: int, repeats: int):
+    ours.projector.to(ours.dtype)  # inference runs the projector in the LM's dtype, for both sides
+    one = inputs(ours, 1, device)
+    prompt = {k: one[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    stock_kwargs = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0}
+    results: dict[str, Any] = {"prompt_tokens": int(one["input_ids"].shape[1])}
+
+    def ours_first_token() -> None:
+        next(ours.generate_tokens(**prompt, options=GenerationOptions(max_new_tokens=1)))
+
+    def stock_first_token() -> None:
+        stock.generate(**prompt, max_new_tokens=1, **stock_kwargs)
+
+    results["ttft_ms"] = {
+        "ours": round(timed(ours_first_token, device, repeats, warmup=2) * 1e3, 1),
+        "stock": round(timed(stock_first_token, device, repeats, warmup=2) * 1e3, 1),
+    }
+
+    def ours_decode() -> list[float]:
+        stamps = []
+        for _ in ours.generate_tokens(**prompt, options=GenerationOptions(max_new_tokens=decode_tokens + 1)):
+            sync(device)
+            stamps.append(time.perf_counter())
+        return stamps
+
+    class Stamps:
+        """A transformers streamer that only records when each new token arrives."""
+
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+            self.prompt_seen = False
+
+        def put(self, value: torch.Tensor) -> None:
+            if self.prompt_seen:
+                sync(device)
+                self.stamps.append(time.perf_counter())
+            self.prompt_seen = True
+
+        def end(self) -> None:
+            pass
+
+    def stock_decode() -> list[float]:
+        streamer = Stamps()
+        stock.generate(
+            **prompt,
+            max_new_tokens=decode_tokens + 1,
+            min_new_tokens=decode_tokens + 1,
+            streamer=streamer,
+            **stock_kwargs,
+        )
+        return streamer.stamps
+
+    def rate(run: Callable[[], list[float]]) -> float:
+        """Tokens/s between the first and the last new token, best of three runs."""
+        return max(decode_tokens / (s[-1] - s[0]) for s in (run() for _ in range(3)))
+
+    sync(device)
+    start = time.perf_counter()
+    ours_decode()  # the first call allocates the static cache and captures the CUDA graph
+    first_reply = time.perf_counter() - start
+    results["decode_tokens_per_s"] = {
+        "ours": round(rate(ours_decode), 1),
+        "stock": round(rate(stock_decode), 1),
+        "tokens": decode_tokens,
+    }
+    results["first_fast_reply_s"] = {"ours": round(first_reply, 2), "tokens": decode_tokens + 1}
+
+    many = inputs(ours, caption_images, device, seed=1)
+    batch = {k: many[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+
+    def ours_captions() -> None:
+        for _ in ours.generate_tokens(**batch, options=GenerationOptions(max_new_tokens=caption_tokens)):
+            pass
+
+    def stock_captions() -> None:
+        stock.generate(**batch, max_new_tokens=caption_tokens, min_new_tokens=caption_tokens, **stock_kwargs)
+
+    ours_s = timed(ours_captions, device, repeats=2, warmup=1)
+    stock_s = timed(stock_captions, device, repeats=2, warmup=1)
+    results["batched_captioning"] = {
+        "images": caption_images,
+        "new_tokens": caption_tokens,
+        "ours_images_per_s": round(caption_images / ours_s, 2),
+        "stock_images_per_s": round(caption_images / stock_s, 2),
+        "speedup": round(stock_s / ours_s, 3),
+    }
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="14b,7b")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (a smoke test of this script)")
+    parser.add_argument("--train-batches", default="8,16,32,64")
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--caption-images", type=int, default=32)
+    parser.add_argument("--caption-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    report: dict[str, Any] = {
+        "device": name,
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "dtype": str(dtype).removeprefix("torch."),
+        "models": {},
+    }
+    sizes = ["tiny"] if args.tiny else args.models.split(",")
+    batches = [int(b) for b in args.train_batches.split(",")] if not args.tiny else [2, 4]
+    for size in sizes:
+        torch.manual_seed(0)
+        ours, stock = build(size, device, dtype)
+        ours.decode_mode = "auto" if device.type == "cuda" else "static"
+        entry: dict[str, Any] = {}
+        if not args.skip_training:
+            entry["training"] = bench_training(ours, stock, device, batches, 2 if args.tiny else args.repeats, peak)
+            print(json.dumps({size: entry}), file=sys.stderr, flush=True)
+        entry.update(
+            bench_generation(
+                ours, stock, device,
+                decode_tokens=8 if args.tiny else args.decode_tokens,
+                caption_images=4 if args.tiny else args.caption_images,
+                caption_tokens=4 if args.tiny else args.caption_tokens,
+                repeats=2 if args.tiny else args.repeats,
+            )
+        )  # fmt: skip
+        report["models"][size] = entry
+        print(json.dumps({size: entry}), file=sys.stderr, flush=True)
+        del ours, stock
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Decoding over a static KV cache, captured once in a CUDA graph on GPUs.
+
+Single-stream decoding of a 14B LM is bound by reading the weights (about 5.8 ms a token on an H200),
+but eager PyTorch spends longer than that launching the ~600 kernels of one step from Python. Here the
+step runs over preallocated cache tensors with no data-dependent control flow, so the whole step can be
+recorded as one CUDA graph and replayed for every token. The step reuses the LM's own modules
+(norms, projections with their biases, MLP, rotary embedding), so it computes what transformers
+computes; on the CPU it runs eagerly and tests compare its tokens with the plain path.
+
+Prefill still goes through transformers (one big batched pass); its keys and values are then copied
+into the static cache. Rows are left-padded together, so every row writes the same cache slot at each
+step while keeping its own rotary position.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["StaticDecoder", "supports_static_decode"]
+
+
+def supports_static_decode(lm: nn.Module) -> bool:
+    """Llama-architecture decoders only (CausalLM is one); other LMs use the plain path."""
+    return getattr(lm.config, "model_type", None) == "llama" and not getattr(lm.config, "pretraining_tp", 1) > 1
+
+
+class StaticDecoder:
+    """One-token decode steps for `batch_size` rows over a cache of `max_len` slots."""
+
+    def __init__(self, lm: nn.Module, batch_size: int, max_len: int, use_cuda_graph: bool):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        self.lm = lm
+        self.decoder = lm.get_decoder()
+        self.rotate = apply_rotary_pos_emb
+        config = lm.config
+        self.batch_size, self.max_len = batch_size, max_len
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        weight = lm.get_input_embeddings().weight
+        device, dtype = weight.device, weight.dtype
+        shape = (config.num_hidden_layers, batch_size, self.kv_heads, max_len, self.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros((batch_size, max_len), device=device, dtype=torch.bool)
+        # Static inputs and output of the step (what a CUDA graph reads and writes).
+        self.ids = torch.zeros((batch_size, 1), device=device, dtype=torch.long)
+        self.positions = torch.zeros((batch_size, 1), device=device, dtype=torch.long)
+        self.slot = torch.zeros((1,), device=device, dtype=torch.long)
+        self.logits: torch.Tensor | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.use_cuda_graph = use_cuda_graph and device.type == "cuda"
+
+    def load_prefill(self, cache: Any, attention_mask: torch.Tensor) -> None:
+        """Copy a prefilled transformers cache (keys after rotary) into the static slots [0, T)."""
+        length = attention_mask.shape[1]
+        if length >= self.max_len:
+            raise ValueError(f"prompt of {length} tokens does not fit a static cache of {self.max_len}")
+        for i, layer in enumerate(cache.layers):
+            self.keys[i, :, :, :length].copy_(layer.keys)
+            self.values[i, :, :, :length].copy_(layer.values)
+        self.valid.zero_()
+        self.valid[:, :length] = attention_mask.bool()
+
+    @torch.inference_mode()
+    def _step(self) -> torch.Tensor:
+        """ids (B, 1) at rotary `positions` (B, 1), written to cache `slot` -> last logits (B, V)."""
+        batch = self.batch_size
+        hidden = self.decoder.embed_tokens(self.ids)  # (B, 1, H)
+        cos, sin = self.decoder.rotary_emb(hidden, self.positions)
+        self.valid.index_fill_(1, self.slot, True)
+        mask = self.valid[:, None, None, :]  # (B, 1, 1, L)
+        for i, layer in enumerate(self.decoder.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(batch, 1, self.heads, self.head_dim).transpose(1, 2)  # (B, Hq, 1, D)
+            k = attn.k_proj(x).view(batch, 1, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hk, 1, D)
+            v = attn.v_proj(x).view(batch, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k = self.rotate(q, k, cos, sin)
+            self.keys[i].index_copy_(2, self.slot, k)
+            self.values[i].index_copy_(2, self.slot, v)
+            gqa = self.heads != self.kv_heads
+            out = F.scaled_dot_product_attention(
+                q, self.keys[i], self.values[i], attn_mask=mask, scale=attn.scaling, enable_gqa=gqa
+            )  # (B, Hq, 1, D)
+            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, 1, self.heads * self.head_dim))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = self.decoder.norm(hidden)
+        return self.lm.get_output_embeddings()(hidden[:, -1])  # (B, V)
+
+    def _capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        saved = (self.keys.clone(), self.values.clone(), self.valid.clone())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up kernels and allocator outside the graph
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+        self.keys.copy_(saved[0])
+        self.values.copy_(saved[1])
+        self.valid.copy_(saved[2])
+
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, slot: int) -> torch.Tensor:
+        """Decode one token per row: ids (B,), positions (B,), the common cache slot -> logits (B, V)."""
+        if slot >= self.max_len:
+            raise ValueError(f"cache slot {slot} is past the static cache of {self.max_len}")
+        self.ids.copy_(ids.view(-1, 1))
+        self.positions.copy_(positions.view(-1, 1))
+        self.slot.fill_(slot)
+        if not self.use_cuda_graph:
+            return self._step()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits
