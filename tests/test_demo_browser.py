@@ -1,0 +1,156 @@
+"""The demo in a real browser: Debian's chromium, driven by Playwright, offline.
+
+The flow a user follows: open the page, upload an image, ask about it, wait for the streamed answer. With the
+tiny random model the answer is gibberish, so that test checks the page shows what the model says; with the
+miniature world's trained adapter (`runs/toy`, from `vlm-train --recipe toy`) the question is a held-out
+image's colour and the answer must be right.
+
+Needs `chromium` (apt) and `playwright` (pip; no `playwright install`: the system chromium is used).
+`DEMO_SCREENSHOT=docs/demo.png` also writes the toy test's screenshot there for the README;
+`VLM_TOY_ADAPTER=DIR` tests another trained toy adapter than `runs/toy`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import vlm
+from demo.app import build_app, toy_world_dir
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="needs Playwright: pip install playwright")
+CHROMIUM = shutil.which("chromium")
+if CHROMIUM is None:
+    pytest.skip("needs Debian's chromium: apt-get install -y chromium", allow_module_level=True)
+
+TOY_ADAPTER = Path(os.environ.get("VLM_TOY_ADAPTER", Path(__file__).resolve().parents[1] / "runs" / "toy"))
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TIMEOUT_MS = 60_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def browser_page(tmp_path: Path) -> Iterator[Any]:
+    """A fresh headless chromium page that can reach 127.0.0.1 only."""
+    with sync_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"),
+            executable_path=CHROMIUM,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1200, "height": 900},
+        )
+        # Offline: refuse anything not served by the app at once (web fonts, ...) instead of waiting on it.
+        context.route(
+            lambda url: not url.startswith("http://127.0.0.1:"),
+            lambda route: route.abort(),
+        )
+        try:
+            yield context.new_page()
+        finally:
+            context.close()
+
+
+def serve(model: vlm.VisionLanguageModel, examples: list[Any] | None) -> Any:
+    app = build_app(model, examples=examples)
+    app.queue(default_concurrency_limit=1)
+    app.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    return app
+
+
+def chat_in_browser(page: Any, url: str, image: Path, question: str) -> str:
+    """Upload `image`, ask `question` and return the answer once it has finished streaming."""
+    page.goto(url, timeout=TIMEOUT_MS)
+    page.locator("input[type=file]").first.set_input_files(str(image))
+    box = page.get_by_placeholder("Ask about an image")
+    box.fill(question)
+    box.press("Enter")
+    answer = page.locator('[data-testid="bot"]').last
+    answer.wait_for(timeout=TIMEOUT_MS)
+    # Streaming is over when the stop button has made way for the submit button again.
+    page.locator("button.submit-button").wait_for(timeout=TIMEOUT_MS)
+    return answer.inner_text().strip()
+
+
+def wait_for_words(messages: Any, expected: str) -> None:
+    """Wait until `messages` is one message with the words of `expected` (Playwright's own whitespace
+    normalisation differs from `str.split` on the control characters a random model writes)."""
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while (texts := [t.split() for t in messages.all_inner_texts()]) != [expected.split()]:
+        assert time.monotonic() < deadline, f"the page shows {texts}, expected {[expected.split()]}"
+        time.sleep(0.2)
+
+
+def test_browser_chat_answers_retries_and_clears(tiny_model, rgb_images, browser_page, tmp_path):
+    page, question = browser_page, "What colour is the shape?"
+    conversation = [{"role": "user", "content": [{"type": "image", "image": str(rgb_images[0])}, question]}]
+    app = serve(tiny_model, examples=[])
+    try:
+        answer = chat_in_browser(page, app.local_url, rgb_images[0], question)
+        expected = tiny_model.chat(conversation)  # the app's defaults: greedy, the adapter's system prompt
+        assert answer.split() == expected.split()  # the page renders markdown, so compare the words
+        assert page.locator('[data-testid="user"] img').count() == 1, "the uploaded image is shown"
+        page.screenshot(path=str(tmp_path / "demo.png"))
+
+        # Retry after blocking a word of the answer: the same turn is answered again under the new setting.
+        word = next(w for w in expected.split() if "," not in w)
+        filtered = tiny_model.chat(conversation, blocked_words=[word])
+        assert filtered != expected
+        page.locator("button.label-wrap", has_text="Settings").click()
+        page.get_by_label("Blocked words").fill(word)
+        page.get_by_role("button", name="Retry").click()
+        bot = page.locator('[data-testid="bot"]')
+        wait_for_words(bot, filtered)
+
+        page.get_by_role("button", name="Clear").click()
+        sync_api.expect(bot).to_have_count(0)
+        sync_api.expect(page.locator('[data-testid="user"]')).to_have_count(0)
+    finally:
+        app.close()
+
+
+@pytest.mark.skipif(
+    not (TOY_ADAPTER / "adapter_config.json").is_file(),
+    reason=f"needs the trained miniature-world adapter in {TOY_ADAPTER} (vlm-train --recipe toy)",
+)
+def test_browser_answers_the_colour_of_a_held_out_toy_image(browser_page, tmp_path):
+    from projector_training.toy.world import QUESTIONS
+
+    model = vlm.load(TOY_ADAPTER, device="cpu")
+    world = toy_world_dir(model)
+    assert world is not None, f"the toy adapter's LM ({model.config.lm}) should sit beside its world/"
+    # The first held-out image whose colour the world asks about, with the plain colour question.
+    record = next(r for r in json.loads((world / "eval_vqa.json").read_text()) if r["id"].endswith("-colour"))
+    question, colour = QUESTIONS["colour"][0], record["conversations"][1]["value"]
+    app = serve(model, examples=None)  # with the world's own examples, as `vlm demo` shows them
+    try:
+        answer = chat_in_browser(browser_page, app.local_url, world / record["image"], question)
+        print(f"browser: {question!r} about {record['image']} -> {answer!r} (truth {colour!r})")
+        screenshot = tmp_path / "demo.png"
+        browser_page.screenshot(path=str(screenshot))
+        assert answer.lower().rstrip(".") == colour
+        if target := os.environ.get("DEMO_SCREENSHOT"):
+            shutil.copyfile(screenshot, target)
+    finally:
+        app.close()
