@@ -1,0 +1,593 @@
+"""Train and cache the miniature world's frozen backbones: a tiny open_clip ViT and a tiny Llama LM.
+
+`ensure_toy_world(root)` builds, under `root`:
+
+    world/   images + LLaVA records (`world.build_world`)
+    clip/    open_clip local-dir checkpoint, trained contrastively on the world's training captions
+    lm/      `LlamaForCausalLM` + tokenizer, trained on ChatML text whose answers must be read from context
+
+Each piece ends with a `done.json` (its metrics and a hash of the settings it depends on) written
+last, so an interrupted build is redone and a changed setting rebuilds that piece and those after it.
+
+The LM is what makes alignment possible. It is trained on conversations laid out exactly as the
+adapter will prompt it, except that the image slots hold a text description of the object amid
+filler words, and the answer (caption or attribute word) is only knowable from that description:
+
+    <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n
+    <|im_start|>user\\n{description amid filler, about as many tokens as image slots}\\n{instruction}<|im_end|>\\n
+    <|im_start|>assistant\\n{answer}<|im_end|>\\n
+
+An LM that reads its context this way gives the projector a job it can do: write the image's attributes
+into the slots. (One trained on answers alone ignores context, and no projector can steer it.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from projector_training.toy.tokenizer import build_tokenizer
+from projector_training.toy.world import (
+    ATTRIBUTES,
+    CAPTION_INSTRUCTIONS,
+    OBJECTS,
+    QUESTIONS,
+    ToyObject,
+    WorldFiles,
+    build_world,
+    describe,
+    load_records,
+)
+from vlm.config import DEFAULT_SYSTEM_PROMPT
+
+__all__ = ["ToyConfig", "ToyWorld", "ensure_toy_world"]
+
+Log = Callable[[str], None]
+
+DONE = "done.json"
+IGNORE_INDEX = -100
+SYSTEM_PROMPTS = (DEFAULT_SYSTEM_PROMPT, "You are a concise assistant.", "Answer briefly.")
+FILLER_WORDS = (
+    "image", "picture", "photo", "background", "plain", "pixels", "the", "of", "with", "shows", "here",
+    "scene", "centre", "left", "right", "top", "bottom", "light", "dark", "noise", "thing", "view", "simple",
+)  # fmt: skip
+"""Neutral words around the description in the LM's image slots: the LM learns to look past them."""
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    """Every setting of the miniature world. The defaults build in about 6 minutes on 2 CPU cores."""
+
+    seed: int = 0
+    """Seeds the world, both trainings and all sampling."""
+    n_train: int = 4000
+    """Training images (two alignment records each: a caption and a question)."""
+    n_eval: int = 288
+    """Held-out images (4 per distinct caption); one caption and one question record each."""
+    image_size: int = 64
+    """Side of the images and of the CLIP input, in pixels."""
+
+    patch_size: int = 16
+    """CLIP patch side: (image_size / patch_size)^2 patch tokens per image."""
+    clip_width: int = 192
+    clip_layers: int = 6
+    clip_head_width: int = 32
+    clip_embed_dim: int = 128
+    clip_text_width: int = 128
+    clip_text_layers: int = 2
+    clip_context_length: int = 16
+    clip_steps: int = 400
+    """Contrastive steps; each batch holds every distinct caption once (no false negatives)."""
+    clip_lr: float = 1e-3
+
+    vocab_size: int = 512
+    """Learned BPE vocabulary; the three ChatML special tokens follow it."""
+    lm_hidden: int = 256
+    lm_layers: int = 4
+    lm_heads: int = 4
+    lm_intermediate: int = 688
+    lm_steps: int = 400
+    lm_batch_size: int = 64
+    lm_lr: float = 2e-3
+    lm_eval_prompts: int = 200
+    """Held-out text prompts for the LM's context-reading accuracy."""
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.clip_layers < 2:
+            raise ValueError("the CLIP needs at least 2 blocks: the adapter reads the second-to-last one")
+        if self.clip_width % self.clip_head_width or self.lm_hidden % self.lm_heads:
+            raise ValueError("widths must be multiples of the head widths / head counts")
+
+    @classmethod
+    def micro(cls) -> ToyConfig:
+        """A seconds-fast world for tests: everything tiny, nothing learned to speak of."""
+        return cls(
+            n_train=144,
+            n_eval=72,
+            image_size=32,
+            clip_width=32,
+            clip_layers=2,
+            clip_head_width=16,
+            clip_embed_dim=32,
+            clip_text_width=32,
+            clip_text_layers=1,
+            clip_steps=3,
+            vocab_size=300,
+            lm_hidden=32,
+            lm_layers=1,
+            lm_heads=2,
+            lm_intermediate=64,
+            lm_steps=3,
+            lm_batch_size=8,
+            lm_eval_prompts=8,
+        )
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class ToyWorld:
+    """A built miniature world: where everything is, and how good the backbones are."""
+
+    root: Path
+    world_dir: Path
+    images_dir: Path
+    train_json: Path
+    eval_captions_json: Path
+    eval_vqa_json: Path
+    clip_dir: Path
+    """open_clip local-dir checkpoint: load with `open_clip.create_model("local-dir:" + str(clip_dir))`."""
+    lm_dir: Path
+    """`LlamaForCausalLM` + tokenizer (`from_pretrained`)."""
+    num_image_tokens: int
+    """Patch tokens per image (CLS excluded)."""
+    clip_metrics: dict[str, Any]
+    """Held-out zero-shot caption retrieval: `accuracy` and per-attribute accuracies."""
+    lm_metrics: dict[str, Any]
+    """Greedy exact match on held-out description-in-context prompts: `accuracy` and per task."""
+    built: tuple[str, ...]
+    """Pieces built by this call (the others were reused): a subset of ("world", "clip", "lm")."""
+
+    @property
+    def vision_tower(self) -> str:
+        """The tower id for `AdapterConfig(vision_backend="open_clip")`."""
+        return f"local-dir:{self.clip_dir}"
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _cosine_lr(step: int, total: int, peak: float, warmup_fraction: float = 0.05) -> float:
+    warmup = max(1, round(total * warmup_fraction))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return 0.5 * peak * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+# ---------------------------------------------------------------- CLIP
+
+
+def _clip_model_cfg(config: ToyConfig) -> dict[str, Any]:
+    return {
+        "embed_dim": config.clip_embed_dim,
+        "vision_cfg": {
+            "image_size": config.image_size,
+            "patch_size": config.patch_size,
+            "width": config.clip_width,
+            "layers": config.clip_layers,
+            "head_width": config.clip_head_width,
+            # Average pooling makes every patch token carry the image's content, and the adapter
+            # reads patch tokens (CLS dropped).
+            "pool_type": "avg",
+        },
+        "text_cfg": {
+            "context_length": config.clip_context_length,
+            "vocab_size": 49408,  # open_clip's built-in SimpleTokenizer, available offline
+            "width": config.clip_text_width,
+            "heads": max(1, config.clip_text_width // 32),
+            "layers": config.clip_text_layers,
+        },
+    }
+
+
+def _load_images(world: WorldFiles, records: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, list[ToyObject]]:
+    """Unique images of caption records -> (uint8 pixels (M, 3, S, S), their objects)."""
+    by_caption = {obj.caption: obj for obj in OBJECTS}
+    pixels, objects = [], []
+    for record in records:
+        if not record["id"].endswith("-caption"):
+            continue
+        image = Image.open(world.root / record["image"]).convert("RGB")
+        pixels.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))  # (3, S, S)
+        objects.append(by_caption[record["conversations"][1]["value"]])
+    return torch.stack(pixels), objects
+
+
+def _normalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> float (B, 3, S, S), the way `vlm.vision.preprocess_image` does it."""
+    mean_t = torch.tensor(mean)[None, :, None, None]
+    std_t = torch.tensor(std)[None, :, None, None]
+    return (pixels.float() / 255.0 - mean_t) / std_t
+
+
+@torch.no_grad()
+def _zero_shot(model: open_clip.CLIP, pixels: torch.Tensor, objects: Sequence[ToyObject], texts: torch.Tensor) -> dict:
+    """Classify each image among all distinct captions (`texts`: (C, T) tokens of `OBJECTS`)."""
+    model.eval()
+    text_features = nn.functional.normalize(model.encode_text(texts), dim=-1)  # (C, E)
+    predictions = []
+    for batch in pixels.split(256):
+        image_features = nn.functional.normalize(model.encode_image(batch), dim=-1)  # (b, E)
+        predictions += (image_features @ text_features.T).argmax(dim=-1).tolist()
+    predicted = [OBJECTS[p] for p in predictions]
+    metrics: dict[str, Any] = {"accuracy": float(np.mean([p == o for p, o in zip(predicted, objects, strict=True)]))}
+    for attribute in ATTRIBUTES:
+        hits = [p.answer(attribute) == o.answer(attribute) for p, o in zip(predicted, objects, strict=True)]
+        metrics[f"{attribute}_accuracy"] = float(np.mean(hits))
+    metrics["n_images"] = len(objects)
+    return metrics
+
+
+def _train_clip(config: ToyConfig, world: WorldFiles, out: Path, log: Log, device: torch.device) -> dict[str, Any]:
+    _seed_everything(config.seed)
+    train_pixels, train_objects = _load_images(world, load_records(world.train_json))
+    eval_pixels, eval_objects = _load_images(world, load_records(world.eval_captions_json))
+    # The world's own pixel statistics, saved with the model so every loader normalises the same way.
+    scaled = train_pixels.float() / 255.0  # (M, 3, S, S)
+    mean = [round(float(m), 4) for m in scaled.mean(dim=(0, 2, 3))]
+    std = [round(float(s), 4) for s in scaled.std(dim=(0, 2, 3))]
+    train_x, eval_x = _normalise(train_pixels, mean, std).to(device), _normalise(eval_pixels, mean, std).to(device)
+
+    model_cfg = _clip_model_cfg(config)
+    model = open_clip.CLIP(**model_cfg, output_dict=True).to(device)
+    tokenize = open_clip.SimpleTokenizer(context_length=config.clip_context_length)
+    texts = tokenize([obj.caption for obj in OBJECTS]).to(device)  # (C, T)
+    by_object: dict[ToyObject, list[int]] = {obj: [] for obj in OBJECTS}
+    for i, obj in enumerate(train_objects):
+        by_object[obj].append(i)
+    if any(not rows for rows in by_object.values()):
+        raise ValueError(f"n_train={config.n_train} leaves some captions without a training image")
+
+    loss_fn = open_clip.ClipLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.clip_lr, weight_decay=0.05)
+    generator = torch.Generator().manual_seed(config.seed)
+    start = time.perf_counter()
+    model.train()
+    for step in range(config.clip_steps):
+        # One image per distinct caption: a batch without duplicate captions has no false negatives.
+        rows = [r[int(torch.randint(len(r), (), generator=generator))] for r in by_object.values()]
+        images = train_x[rows]  # (C, 3, S, S)
+        flip = (torch.rand(len(rows), generator=generator) < 0.5).to(device)  # mirroring keeps every attribute
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        for group in optimizer.param_groups:
+            group["lr"] = _cosine_lr(step, config.clip_steps, config.clip_lr)
+        output = model(images, texts)
+        loss = loss_fn(output["image_features"], output["text_features"], output["logit_scale"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % 50 == 0 or step == config.clip_steps - 1:
+            log(f"  clip step {step}/{config.clip_steps} loss {loss.item():.3f} ({time.perf_counter() - start:.0f}s)")
+
+    metrics = _zero_shot(model, eval_x, eval_objects, texts)
+    metrics["train_seconds"] = round(time.perf_counter() - start, 1)
+    out.mkdir(parents=True)
+    preprocess_cfg = {"size": config.image_size, "mode": "RGB", "mean": mean, "std": std}
+    (out / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2) + "\n"
+    )
+    model = model.cpu()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+    _check_clip_reload(model, out, eval_x[:4].cpu(), texts.cpu())
+    return metrics
+
+
+@torch.no_grad()
+def _check_clip_reload(model: open_clip.CLIP, path: Path, images: torch.Tensor, texts: torch.Tensor) -> None:
+    """The saved directory must load through open_clip's `local-dir:` schema and compute the same thing."""
+    reloaded = open_clip.create_model(f"local-dir:{path}", device="cpu").eval()
+    model.eval()
+    if not (
+        torch.equal(model.encode_image(images), reloaded.encode_image(images))
+        and torch.equal(model.encode_text(texts), reloaded.encode_text(texts))
+    ):
+        raise RuntimeError(f"the CLIP saved in {path} does not reload to identical outputs")
+
+
+# ---------------------------------------------------------------- LM
+
+
+@dataclass(frozen=True)
+class _Example:
+    """One LM training conversation; `context` stands in for the image slots."""
+
+    system: str
+    context: list[str]
+    """Words (filler and a description), joined with spaces."""
+    instruction: str
+    answer: str
+    task: str
+    """`caption` or an attribute name."""
+
+
+def _example(rng: random.Random, num_patches: int) -> _Example:
+    obj = rng.choice(OBJECTS)
+    description = describe(obj, rng).split()
+    context = description
+    if rng.random() < 0.75:
+        # Filler around the description brings the context to about the number of image slots.
+        length = max(len(description), rng.randint(num_patches // 2, num_patches * 3 // 2))
+        filler = [rng.choice(FILLER_WORDS) for _ in range(length - len(description))]
+        cut = rng.randint(0, len(filler))
+        context = filler[:cut] + description + filler[cut:]
+    if rng.random() < 0.4:
+        task, instruction, answer = "caption", rng.choice(CAPTION_INSTRUCTIONS), obj.caption
+    else:
+        task = rng.choice(list(ATTRIBUTES))
+        instruction, answer = rng.choice(QUESTIONS[task]), obj.answer(task)
+    system = DEFAULT_SYSTEM_PROMPT if rng.random() < 0.8 else rng.choice(SYSTEM_PROMPTS)
+    return _Example(system, context, instruction, answer, task)
+
+
+def _render(example: _Example) -> str:
+    return (
+        f"<|im_start|>system\n{example.system}<|im_end|>\n"
+        f"<|im_start|>user\n{' '.join(example.context)}\n{example.instruction}<|im_end|>\n"
+        f"<|im_start|>assistant\n{example.answer}<|im_end|>\n"
+    )
+
+
+class _Encoder:
+    """Example -> ids, tokenized in the same pieces as `vlm.prompt.encode_chat` (text between special
+    tokens separately; the image slots, here the context, on their own)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
+        self.tokenizer = tokenizer
+        self.im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+        self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self._cache: dict[str, list[int]] = {}
+
+    def text(self, text: str) -> list[int]:
+        if text not in self._cache:
+            self._cache[text] = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return self._cache[text]
+
+    def context(self, words: Sequence[str]) -> list[int]:
+        # Byte-level BPE never merges across a space-word boundary, so word-wise ids equal the ids of
+        # the joined text; the cache makes this fast.
+        return [i for k, w in enumerate(words) for i in self.text(w if k == 0 else f" {w}")]
+
+    def prompt(self, example: _Example) -> tuple[list[int], list[int]]:
+        """(ids up to and including "assistant\\n", label mask with False on the context)."""
+        head = [self.im_start, *self.text(f"system\n{example.system}"), self.im_end, *self.text("\n")]
+        head += [self.im_start, *self.text("user\n")]
+        context = self.context(example.context)
+        tail = [*self.text(f"\n{example.instruction}"), self.im_end, *self.text("\n")]
+        tail += [self.im_start, *self.text("assistant\n")]
+        return head + context + tail, [True] * len(head) + [False] * len(context) + [True] * len(tail)
+
+    def answer(self, example: _Example) -> list[int]:
+        return [*self.text(example.answer), self.im_end]
+
+
+def _lm_batch(encoder: _Encoder, examples: Sequence[_Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded training batch; the loss skips the context (random filler) and the padding."""
+    rows, masks = [], []
+    for example in examples:
+        prompt, mask = encoder.prompt(example)
+        answer = [*encoder.answer(example), *encoder.text("\n")]
+        rows.append(prompt + answer)
+        masks.append(mask + [True] * len(answer))
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id)  # (B, T)
+    labels = torch.full((len(rows), width), IGNORE_INDEX)  # (B, T)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for b, (row, mask) in enumerate(zip(rows, masks, strict=True)):
+        input_ids[b, : len(row)] = torch.tensor(row)
+        attention_mask[b, : len(row)] = 1
+        labels[b, : len(row)] = torch.tensor([t if m else IGNORE_INDEX for t, m in zip(row, mask, strict=True)])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@torch.no_grad()
+def _greedy(model: LlamaForCausalLM, encoder: _Encoder, prompts: Sequence[list[int]], max_new: int) -> list[list[int]]:
+    """Greedy continuations of left-padded prompts, each cut at its first `<|im_end|>`."""
+    width = max(len(p) for p in prompts)
+    pad = model.config.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # (B, T)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])  # (B, T)
+    generated = model.generate(
+        input_ids=input_ids.to(model.device),
+        attention_mask=attention_mask.to(model.device),
+        max_new_tokens=max_new,
+        do_sample=False,
+        eos_token_id=[encoder.im_end, model.config.eos_token_id],
+        pad_token_id=pad,
+    )[:, width:]  # (B, new)
+    out = []
+    for row in generated.tolist():
+        out.append(row[: row.index(encoder.im_end)] if encoder.im_end in row else row)
+    return out
+
+
+def _evaluate_lm(model: LlamaForCausalLM, encoder: _Encoder, config: ToyConfig) -> dict[str, Any]:
+    """Exact match on held-out prompts whose context is exactly `num_patches` tokens long or free."""
+    rng = random.Random(f"{config.seed}/lm-eval")
+    examples = [_example(rng, config.num_patches) for _ in range(config.lm_eval_prompts)]
+    model.eval()
+    hits: dict[str, list[bool]] = {}
+    for start in range(0, len(examples), 64):
+        chunk = examples[start : start + 64]
+        outputs = _greedy(model, encoder, [encoder.prompt(e)[0] for e in chunk], max_new=12)
+        for example, ids in zip(chunk, outputs, strict=True):
+            hits.setdefault(example.task, []).append(encoder.tokenizer.decode(ids) == example.answer)
+    metrics: dict[str, Any] = {"accuracy": float(np.mean([h for v in hits.values() for h in v]))}
+    metrics.update({f"{task}_accuracy": float(np.mean(v)) for task, v in sorted(hits.items())})
+    metrics["n_prompts"] = len(examples)
+    return metrics
+
+
+def _train_lm(config: ToyConfig, out: Path, log: Log, device: torch.device) -> dict[str, Any]:
+    _seed_everything(config.seed)
+    rng = random.Random(f"{config.seed}/lm-train")
+    corpus_rng = random.Random(f"{config.seed}/lm-corpus")
+    corpus = [_render(_example(corpus_rng, config.num_patches)) for _ in range(2000)]
+    tokenizer = build_tokenizer(corpus, config.vocab_size)
+    encoder = _Encoder(tokenizer)
+    end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    lm_config = LlamaConfig(
+        # Spare rows past the tokenizer, like CausalLM's 152064 > 151646: the adapter's image token.
+        vocab_size=(len(tokenizer) // 64 + 1) * 64,
+        hidden_size=config.lm_hidden,
+        intermediate_size=config.lm_intermediate,
+        num_hidden_layers=config.lm_layers,
+        num_attention_heads=config.lm_heads,
+        num_key_value_heads=config.lm_heads,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=end,
+        eos_token_id=end,
+        pad_token_id=end,
+    )
+    model = LlamaForCausalLM(lm_config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lm_lr, weight_decay=0.0)
+    start = time.perf_counter()
+    model.train()
+    for step in range(config.lm_steps):
+        batch = _lm_batch(encoder, [_example(rng, config.num_patches) for _ in range(config.lm_batch_size)], end)
+        for group in optimizer.param_groups:
+            group["lr"] = _cosine_lr(step, config.lm_steps, config.lm_lr)
+        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % 50 == 0 or step == config.lm_steps - 1:
+            log(f"  lm step {step}/{config.lm_steps} loss {loss.item():.3f} ({time.perf_counter() - start:.0f}s)")
+    train_seconds = round(time.perf_counter() - start, 1)
+
+    metrics = _evaluate_lm(model, encoder, config)
+    metrics["train_seconds"] = train_seconds
+    out.mkdir(parents=True)
+    model = model.cpu()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    _check_lm_reload(model, out)
+    return metrics
+
+
+@torch.no_grad()
+def _check_lm_reload(model: LlamaForCausalLM, path: Path) -> None:
+    reloaded = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = torch.tensor([tokenizer("<|im_start|>user\nWhat shape is it?<|im_end|>")["input_ids"]])  # (1, T)
+    if not torch.equal(model.eval()(ids).logits, reloaded(ids).logits):
+        raise RuntimeError(f"the LM saved in {path} does not reload to identical outputs")
+
+
+# ---------------------------------------------------------------- caching
+
+
+def _fingerprint(config: ToyConfig, fields: Sequence[str], upstream: str = "") -> str:
+    values = {name: getattr(config, name) for name in fields}
+    return hashlib.sha256(json.dumps([values, upstream], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cached(directory: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The metrics of a completed piece built with these settings, or None."""
+    try:
+        done = json.loads((directory / DONE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return done["metrics"] if done.get("fingerprint") == fingerprint else None
+
+
+def _finish(directory: Path, fingerprint: str, metrics: dict[str, Any]) -> None:
+    (directory / DONE).write_text(json.dumps({"fingerprint": fingerprint, "metrics": metrics}, indent=2) + "\n")
+
+
+def ensure_toy_world(
+    root: Path, *, config: ToyConfig | None = None, log: Log = print, device: str | torch.device = "cpu"
+) -> ToyWorld:
+    """Build whatever part of the miniature world under `root` is missing or stale; reuse the rest.
+
+    Training runs on `device`; the result is deterministic on CPU (an accelerator gives other weights,
+    which the cache does not tell apart).
+    """
+    config = config or ToyConfig()
+    device = torch.device(device)
+    root = Path(root)
+    built: list[str] = []
+    pieces: dict[str, dict[str, Any]] = {}
+    world_files = WorldFiles.at(root / "world")
+
+    def piece(name: str, fingerprint: str, build: Callable[[Path], dict[str, Any]]) -> None:
+        directory = root / name
+        metrics = _cached(directory, fingerprint)
+        if metrics is None:
+            log(f"toy world: building {name} in {directory}")
+            start = time.perf_counter()
+            shutil.rmtree(directory, ignore_errors=True)
+            metrics = build(directory)
+            metrics["build_seconds"] = round(time.perf_counter() - start, 1)
+            _finish(directory, fingerprint, metrics)
+            built.append(name)
+            log(f"toy world: {name} done in {metrics['build_seconds']}s: {metrics}")
+        pieces[name] = metrics
+
+    def build_world_piece(directory: Path) -> dict[str, Any]:
+        build_world(
+            directory, seed=config.seed, n_train=config.n_train, n_eval=config.n_eval, image_size=config.image_size
+        )
+        return {"n_train_images": config.n_train, "n_eval_images": config.n_eval}
+
+    world_fp = _fingerprint(config, ["seed", "n_train", "n_eval", "image_size"])
+    clip_fields = [f.name for f in dataclasses.fields(config) if f.name.startswith("clip_")] + ["patch_size", "seed"]
+    clip_fp = _fingerprint(config, clip_fields, world_fp)
+    lm_fields = [f.name for f in dataclasses.fields(config) if f.name.startswith("lm_")]
+    lm_fp = _fingerprint(config, [*lm_fields, "vocab_size", "seed", "image_size", "patch_size"])
+    piece("world", world_fp, build_world_piece)
+    piece("clip", clip_fp, lambda d: _train_clip(config, world_files, d, log, device))
+    piece("lm", lm_fp, lambda d: _train_lm(config, d, log, device))
+    return ToyWorld(
+        root=root,
+        world_dir=world_files.root,
+        images_dir=world_files.images,
+        train_json=world_files.train_json,
+        eval_captions_json=world_files.eval_captions_json,
+        eval_vqa_json=world_files.eval_vqa_json,
+        clip_dir=root / "clip",
+        lm_dir=root / "lm",
+        num_image_tokens=config.num_patches,
+        clip_metrics=pieces["clip"],
+        lm_metrics=pieces["lm"],
+        built=tuple(built),
+    )
