@@ -60,3 +60,31 @@ def test_user_mistakes_print_one_line_and_exit_2(tiny_adapter, rgb_images, args,
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert out.stderr.startswith("vlm: error:") and message in out.stderr
+
+
+def test_export_and_import_llava_from_the_command_line(tiny_adapter, tmp_path):
+    import torch
+
+    out = run("export", str(tiny_adapter), "--to", "llava-hf", str(tmp_path / "hf"))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "hf" / "config.json").is_file() and any((tmp_path / "hf").glob("*.safetensors"))
+    out = run("export", str(tiny_adapter), "--to", "gguf-mmproj", str(tmp_path / "mmproj.gguf"))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "mmproj.gguf").stat().st_size > 0
+
+    model = vlm.load(tiny_adapter, device="cpu")
+    state = {f"model.mm_projector.{k}": v for k, v in model.projector.state_dict().items()}
+    torch.save(state, tmp_path / "mm_projector.bin")
+    out = run(
+        "import-llava", str(tmp_path / "mm_projector.bin"), "--vision", model.config.vision_tower,
+        "--lm", model.config.lm, str(tmp_path / "imported"),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    imported = vlm.load(tmp_path / "imported", device="cpu")
+    assert all(
+        torch.equal(a, b) for a, b in zip(imported.projector.parameters(), model.projector.parameters(), strict=True)
+    )
+
+    out = run("import-llava", str(tmp_path / "mm_projector.bin"), "--vision", model.config.vision_tower,
+              "--lm", str(tmp_path / "nowhere"), str(tmp_path / "bad"))  # fmt: skip
+    assert out.returncode == 2 and out.stderr.startswith("vlm: error:") and "Traceback" not in out.stderr
