@@ -104,7 +104,9 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(micro_world, reference_run, 
     assert all(torch.equal(ours[k], reference[k]) for k in reference)
 
 
-def test_interrupted_checkpoint_write_resumes_from_the_previous_one(micro_world, reference_run, tmp_path, monkeypatch):
+def test_interrupted_checkpoint_write_resumes_from_the_previous_one(
+    micro_world, reference_run, tmp_path, monkeypatch, request
+):
     cfg = parse_args(_flags(micro_world, tmp_path / "run"))
     real_save = torch.save
 
@@ -113,6 +115,9 @@ def test_interrupted_checkpoint_write_resumes_from_the_previous_one(micro_world,
             raise OSError("disk full (simulated)")
         return real_save(obj, path, *args, **kwargs)
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the reference subprocess (OMP_NUM_THREADS=1): same float summation order
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError, match="simulated"):
         train(cfg)

@@ -10,15 +10,18 @@ Each piece ends with a `done.json` (its metrics and a hash of the settings it de
 last, so an interrupted build is redone and a changed setting rebuilds that piece and those after it.
 
 The LM is what makes alignment possible. It is trained on conversations laid out exactly as the
-adapter will prompt it, except that the image slots hold a text description of the object amid
-filler words, and the answer (caption or attribute word) is only knowable from that description:
+adapter will prompt it, except that the image slots hold text about the object (a description, a
+description amid filler words, or a bag of repeated attribute words), so that the answer (a caption
+or one attribute word) is only knowable from what stands in the slots:
 
     <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n
-    <|im_start|>user\\n{description amid filler, about as many tokens as image slots}\\n{instruction}<|im_end|>\\n
+    <|im_start|>user\\n{text in place of the image slots}\\n{instruction}<|im_end|>\\n
     <|im_start|>assistant\\n{answer}<|im_end|>\\n
 
 An LM that reads its context this way gives the projector a job it can do: write the image's attributes
-into the slots. (One trained on answers alone ignores context, and no projector can steer it.)
+into the slots. (One trained on answers alone ignores context, and no projector can steer it.) As in
+the adapter's training, the loss covers the answers only; with the loss on every token a tiny LM
+spends its steps on the template and learns the question -> attribute lookup many times slower.
 """
 
 from __future__ import annotations
@@ -61,8 +64,12 @@ __all__ = ["ToyConfig", "ToyWorld", "ensure_toy_world"]
 
 Log = Callable[[str], None]
 
+BUILD_VERSION = 1
+"""Part of every cache fingerprint: bump it when a code change alters what a piece builds."""
 DONE = "done.json"
 IGNORE_INDEX = -100
+SHORT_CONTEXT = 12
+"""Typical context length, in words, in the first (short-context) part of the LM's training."""
 SYSTEM_PROMPTS = (DEFAULT_SYSTEM_PROMPT, "You are a concise assistant.", "Answer briefly.")
 FILLER_WORDS = (
     "image", "picture", "photo", "background", "plain", "pixels", "the", "of", "with", "shows", "here",
@@ -73,7 +80,7 @@ FILLER_WORDS = (
 
 @dataclass(frozen=True)
 class ToyConfig:
-    """Every setting of the miniature world. The defaults build in about 6 minutes on 2 CPU cores."""
+    """Every setting of the miniature world. The defaults build in about 4 minutes on 2 quiet CPU cores."""
 
     seed: int = 0
     """Seeds the world, both trainings and all sampling."""
@@ -84,27 +91,32 @@ class ToyConfig:
     image_size: int = 64
     """Side of the images and of the CLIP input, in pixels."""
 
-    patch_size: int = 16
-    """CLIP patch side: (image_size / patch_size)^2 patch tokens per image."""
-    clip_width: int = 192
-    clip_layers: int = 6
+    patch_size: int = 8
+    """CLIP patch side: (image_size / patch_size)^2 patch tokens per image. The world's shapes sit on a
+    grid of 1/8 of the side, so patch 8 at 64 px sees each shape the same wherever it is."""
+    clip_width: int = 96
+    """Vision width: the adapter's feature size D."""
+    clip_layers: int = 4
     clip_head_width: int = 32
     clip_embed_dim: int = 128
     clip_text_width: int = 128
     clip_text_layers: int = 2
     clip_context_length: int = 16
-    clip_steps: int = 400
+    clip_steps: int = 350
     """Contrastive steps; each batch holds every distinct caption once (no false negatives)."""
     clip_lr: float = 1e-3
 
     vocab_size: int = 512
     """Learned BPE vocabulary; the three ChatML special tokens follow it."""
-    lm_hidden: int = 256
+    lm_hidden: int = 128
+    """The adapter's projector output size."""
     lm_layers: int = 4
     lm_heads: int = 4
-    lm_intermediate: int = 688
+    lm_intermediate: int = 344
     lm_steps: int = 400
-    lm_batch_size: int = 64
+    lm_short_fraction: float = 0.6
+    """Fraction of the LM steps trained on short contexts (a curriculum) before image-length ones."""
+    lm_batch_size: int = 32
     lm_lr: float = 2e-3
     lm_eval_prompts: int = 200
     """Held-out text prompts for the LM's context-reading accuracy."""
@@ -235,7 +247,9 @@ def _normalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]
 
 
 @torch.no_grad()
-def _zero_shot(model: open_clip.CLIP, pixels: torch.Tensor, objects: Sequence[ToyObject], texts: torch.Tensor) -> dict:
+def _zero_shot(
+    model: open_clip.CLIP, pixels: torch.Tensor, objects: Sequence[ToyObject], texts: torch.Tensor
+) -> dict[str, Any]:
     """Classify each image among all distinct captions (`texts`: (C, T) tokens of `OBJECTS`)."""
     model.eval()
     text_features = nn.functional.normalize(model.encode_text(texts), dim=-1)  # (C, E)
@@ -272,8 +286,12 @@ def _train_clip(config: ToyConfig, world: WorldFiles, out: Path, log: Log, devic
     if any(not rows for rows in by_object.values()):
         raise ValueError(f"n_train={config.n_train} leaves some captions without a training image")
 
+    # The captions use a few dozen of the 49408 token rows: random fixed rows serve, and updating the
+    # whole table every step would cost a quarter of the training time.
+    model.token_embedding.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     loss_fn = open_clip.ClipLoss()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.clip_lr, weight_decay=0.05)
+    optimizer = torch.optim.AdamW(trainable, lr=config.clip_lr, weight_decay=0.05)
     generator = torch.Generator().manual_seed(config.seed)
     start = time.perf_counter()
     model.train()
@@ -289,7 +307,7 @@ def _train_clip(config: ToyConfig, world: WorldFiles, out: Path, log: Log, devic
         loss = loss_fn(output["image_features"], output["text_features"], output["logit_scale"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
@@ -337,17 +355,32 @@ class _Example:
     """`caption` or an attribute name."""
 
 
+def _context(obj: ToyObject, rng: random.Random, num_patches: int) -> list[str]:
+    """What stands in the image slots: a description alone, a description amid filler, or a bag of
+    repeated attribute words and filler (what a per-patch projector most naturally writes); the long
+    ones about as many tokens as there are slots."""
+    style = rng.random()
+    if style < 0.3:
+        return describe(obj, rng).split()
+    length = rng.randint(num_patches // 2, num_patches * 5 // 4)
+    if style < 0.65:
+        description = describe(obj, rng).split()
+        filler = [rng.choice(FILLER_WORDS) for _ in range(max(0, length - len(description)))]
+        cut = rng.randint(0, len(filler))
+        return filler[:cut] + description + filler[cut:]
+    attributes = [obj.size, obj.colour, obj.shape]
+    density = rng.uniform(0.2, 1.0)
+    words = attributes + [
+        rng.choice(attributes) if rng.random() < density else rng.choice(FILLER_WORDS) for _ in range(length - 3)
+    ]
+    rng.shuffle(words)
+    return words
+
+
 def _example(rng: random.Random, num_patches: int) -> _Example:
     obj = rng.choice(OBJECTS)
-    description = describe(obj, rng).split()
-    context = description
-    if rng.random() < 0.75:
-        # Filler around the description brings the context to about the number of image slots.
-        length = max(len(description), rng.randint(num_patches // 2, num_patches * 3 // 2))
-        filler = [rng.choice(FILLER_WORDS) for _ in range(length - len(description))]
-        cut = rng.randint(0, len(filler))
-        context = filler[:cut] + description + filler[cut:]
-    if rng.random() < 0.4:
+    context = _context(obj, rng, num_patches)
+    if rng.random() < 0.25:
         task, instruction, answer = "caption", rng.choice(CAPTION_INSTRUCTIONS), obj.caption
     else:
         task = rng.choice(list(ATTRIBUTES))
@@ -384,35 +417,30 @@ class _Encoder:
         # the joined text; the cache makes this fast.
         return [i for k, w in enumerate(words) for i in self.text(w if k == 0 else f" {w}")]
 
-    def prompt(self, example: _Example) -> tuple[list[int], list[int]]:
-        """(ids up to and including "assistant\\n", label mask with False on the context)."""
-        head = [self.im_start, *self.text(f"system\n{example.system}"), self.im_end, *self.text("\n")]
-        head += [self.im_start, *self.text("user\n")]
-        context = self.context(example.context)
-        tail = [*self.text(f"\n{example.instruction}"), self.im_end, *self.text("\n")]
-        tail += [self.im_start, *self.text("assistant\n")]
-        return head + context + tail, [True] * len(head) + [False] * len(context) + [True] * len(tail)
+    def prompt(self, example: _Example) -> list[int]:
+        """Ids up to and including "assistant\\n"."""
+        ids = [self.im_start, *self.text(f"system\n{example.system}"), self.im_end, *self.text("\n")]
+        ids += [self.im_start, *self.text("user\n"), *self.context(example.context)]
+        ids += [*self.text(f"\n{example.instruction}"), self.im_end, *self.text("\n")]
+        return [*ids, self.im_start, *self.text("assistant\n")]
 
     def answer(self, example: _Example) -> list[int]:
         return [*self.text(example.answer), self.im_end]
 
 
 def _lm_batch(encoder: _Encoder, examples: Sequence[_Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded training batch; the loss skips the context (random filler) and the padding."""
-    rows, masks = [], []
-    for example in examples:
-        prompt, mask = encoder.prompt(example)
-        answer = [*encoder.answer(example), *encoder.text("\n")]
-        rows.append(prompt + answer)
-        masks.append(mask + [True] * len(answer))
-    width = max(len(r) for r in rows)
+    """Right-padded training batch with the loss on each answer and its `<|im_end|>` only, as in the
+    adapter's training: the answers are the signal; the rest of the prompt is fixed or random."""
+    rows = [(encoder.prompt(e), encoder.answer(e)) for e in examples]
+    width = max(len(p) + len(a) for p, a in rows)
     input_ids = torch.full((len(rows), width), pad_id)  # (B, T)
     labels = torch.full((len(rows), width), IGNORE_INDEX)  # (B, T)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-    for b, (row, mask) in enumerate(zip(rows, masks, strict=True)):
-        input_ids[b, : len(row)] = torch.tensor(row)
-        attention_mask[b, : len(row)] = 1
-        labels[b, : len(row)] = torch.tensor([t if m else IGNORE_INDEX for t, m in zip(row, mask, strict=True)])
+    for b, (prompt, answer) in enumerate(rows):
+        end = len(prompt) + len(answer)
+        input_ids[b, :end] = torch.tensor(prompt + answer)
+        attention_mask[b, :end] = 1
+        labels[b, len(prompt) : end] = torch.tensor(answer)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -438,20 +466,35 @@ def _greedy(model: LlamaForCausalLM, encoder: _Encoder, prompts: Sequence[list[i
 
 
 def _evaluate_lm(model: LlamaForCausalLM, encoder: _Encoder, config: ToyConfig) -> dict[str, Any]:
-    """Exact match on held-out prompts whose context is exactly `num_patches` tokens long or free."""
+    """Greedy exact match on held-out prompts drawn like the image-length training ones."""
     rng = random.Random(f"{config.seed}/lm-eval")
     examples = [_example(rng, config.num_patches) for _ in range(config.lm_eval_prompts)]
     model.eval()
     hits: dict[str, list[bool]] = {}
     for start in range(0, len(examples), 64):
         chunk = examples[start : start + 64]
-        outputs = _greedy(model, encoder, [encoder.prompt(e)[0] for e in chunk], max_new=12)
+        outputs = _greedy(model, encoder, [encoder.prompt(e) for e in chunk], max_new=12)
         for example, ids in zip(chunk, outputs, strict=True):
             hits.setdefault(example.task, []).append(encoder.tokenizer.decode(ids) == example.answer)
     metrics: dict[str, Any] = {"accuracy": float(np.mean([h for v in hits.values() for h in v]))}
     metrics.update({f"{task}_accuracy": float(np.mean(v)) for task, v in sorted(hits.items())})
     metrics["n_prompts"] = len(examples)
     return metrics
+
+
+@torch.no_grad()
+def _pair_word_forms(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast) -> None:
+    """Start each bare word token ("red", as an answer begins) close to its spaced form ("Ġred", as in
+    running text) in the input and output embeddings, the way a pretrained LM holds them.
+
+    Without it a tiny LM learns to copy " red" from its context into a caption at once, but learns only
+    slowly, one attribute at a time, that " red" in the context means the answer "red".
+    """
+    vocab = tokenizer.get_vocab()
+    pairs = [(vocab[t], vocab[t[1:]]) for t in vocab if t.startswith("Ġ") and t[1:] in vocab]
+    spaced, bare = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+    for table in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+        table[bare] = (table[spaced] + table[bare]) / math.sqrt(2)
 
 
 def _train_lm(config: ToyConfig, out: Path, log: Log, device: torch.device) -> dict[str, Any]:
@@ -477,12 +520,17 @@ def _train_lm(config: ToyConfig, out: Path, log: Log, device: torch.device) -> d
         eos_token_id=end,
         pad_token_id=end,
     )
-    model = LlamaForCausalLM(lm_config).to(device)
+    model = LlamaForCausalLM(lm_config)
+    _pair_word_forms(model, tokenizer)
+    model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lm_lr, weight_decay=0.0)
     start = time.perf_counter()
     model.train()
     for step in range(config.lm_steps):
-        batch = _lm_batch(encoder, [_example(rng, config.num_patches) for _ in range(config.lm_batch_size)], end)
+        # Short contexts first: the question -> attribute lookup is learned several times faster on
+        # short sequences; the long ones then teach it to search as many slots as an image has.
+        slots = config.num_patches if step >= config.lm_steps * config.lm_short_fraction else SHORT_CONTEXT
+        batch = _lm_batch(encoder, [_example(rng, slots) for _ in range(config.lm_batch_size)], end)
         for group in optimizer.param_groups:
             group["lr"] = _cosine_lr(step, config.lm_steps, config.lm_lr)
         loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
@@ -518,7 +566,8 @@ def _check_lm_reload(model: LlamaForCausalLM, path: Path) -> None:
 
 def _fingerprint(config: ToyConfig, fields: Sequence[str], upstream: str = "") -> str:
     values = {name: getattr(config, name) for name in fields}
-    return hashlib.sha256(json.dumps([values, upstream], sort_keys=True).encode()).hexdigest()[:16]
+    key = json.dumps([BUILD_VERSION, values, upstream], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def _cached(directory: Path, fingerprint: str) -> dict[str, Any] | None:

@@ -6,8 +6,9 @@ Every image shows one object with three attributes (size, colour, shape); its ca
 (`train.json`, one caption record and one question record per image) and two held-out sets
 (`eval_captions.json`, `eval_vqa.json`) on images never used for training.
 
-Images are drawn at 4x and downsampled (anti-aliased) with jitter in position, object size, colour
-and background shade plus pixel noise, so that no two images are alike and nothing can be memorised.
+Images are drawn at 4x and downsampled (anti-aliased), with jitter in position (on a grid of 1/8 of
+the side: 9 places for a large shape, 25 for a small one), object size, colour and background shade,
+plus pixel noise, so that no two images are alike and nothing can be memorised.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ _BACKGROUND = (70, 190)
 """Range of the grey level of the background."""
 _SUPERSAMPLE = 4
 _GRID = 8
+"""Object centres lie on a grid of `_GRID` cells per side."""
 
 CAPTION_INSTRUCTIONS: tuple[str, ...] = (
     "Describe the image briefly.",
@@ -68,11 +70,13 @@ CAPTION_INSTRUCTIONS: tuple[str, ...] = (
     "What do you see?",
 )
 QUESTIONS: dict[str, tuple[str, ...]] = {
-    "size": ("Is the shape small or large?", "How big is the shape?", "What size is the object?"),
-    "colour": ("What colour is the shape?", "What color is the object?", "Which colour is it?"),
+    "size": ("What size is it?", "How big is it?", "What is the size of the object?"),
+    "colour": ("What colour is it?", "What color is the object?", "Which colour does it have?"),
     "shape": ("What shape is it?", "What shape is shown?", "Which shape is in the picture?"),
 }
-"""Attribute -> the question phrasings whose one-word answer is that attribute's value."""
+"""Attribute -> the question phrasings whose one-word answer is that attribute's value. Each names its
+attribute by one word (size/big, colour/color, shape) and no other, and none holds an answer word, so a
+tiny LM can tell them apart."""
 
 
 @dataclass(frozen=True)
