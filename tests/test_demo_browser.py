@@ -2,12 +2,12 @@
 
 The flow a user follows: open the page, upload an image, ask about it, wait for the streamed answer. With the
 tiny random model the answer is gibberish, so that test checks the page shows what the model says; with the
-miniature world's trained adapter (`runs/toy`, from `vlm-train --recipe toy`) the question is a held-out
-image's colour and the answer must be right.
+miniature world's trained adapter (the `toy_adapter` fixture: `vlm-train --recipe toy`) the question is a
+held-out image's colour and the answer must be right.
 
 Needs `chromium` (apt) and `playwright` (pip; no `playwright install`: the system chromium is used).
 `DEMO_SCREENSHOT=docs/demo.png` also writes the toy test's screenshot there for the README;
-`VLM_TOY_ADAPTER=DIR` tests another trained toy adapter than `runs/toy`.
+`VLM_TOY_ADAPTER=DIR` tests an already trained toy adapter instead of training one.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ CHROMIUM = shutil.which("chromium")
 if CHROMIUM is None:
     pytest.skip("needs Debian's chromium: apt-get install -y chromium", allow_module_level=True)
 
-TOY_ADAPTER = Path(os.environ.get("VLM_TOY_ADAPTER", Path(__file__).resolve().parents[1] / "runs" / "toy"))
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -130,14 +129,10 @@ def test_browser_chat_answers_retries_and_clears(tiny_model, rgb_images, browser
         app.close()
 
 
-@pytest.mark.skipif(
-    not (TOY_ADAPTER / "adapter_config.json").is_file(),
-    reason=f"needs the trained miniature-world adapter in {TOY_ADAPTER} (vlm-train --recipe toy)",
-)
-def test_browser_answers_the_colour_of_a_held_out_toy_image(browser_page, tmp_path):
+def test_browser_answers_the_colour_of_a_held_out_toy_image(toy_adapter, browser_page, tmp_path):
     from projector_training.toy.world import QUESTIONS
 
-    model = vlm.load(TOY_ADAPTER, device="cpu")
+    model = vlm.load(toy_adapter, device="cpu")
     world = toy_world_dir(model)
     assert world is not None, f"the toy adapter's LM ({model.config.lm}) should sit beside its world/"
     # The first held-out image whose colour the world asks about, with the plain colour question.

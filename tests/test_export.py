@@ -1,8 +1,8 @@
 """Exports to transformers LLaVA and llama.cpp GGUF, and import from original LLaVA projector files.
 
 Tiny random backbones, CPU, fp32. The llama.cpp tests run only when `llama_cpp` (llama-cpp-python) is
-installed; the miniature-world checks run only when its trained adapter exists (`runs/toy`, or the
-directory VLM_TOY_ADAPTER names).
+installed; the miniature-world checks use its trained adapter (the `toy_adapter` fixture trains it once per
+session; VLM_TOY_ADAPTER=DIR uses one already trained).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import base64
 import ctypes
 import itertools
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,9 +36,6 @@ from vlm.export import (
 from vlm.prompt import normalize_messages, render_text
 
 gguf = pytest.importorskip("gguf")
-
-TOY_ADAPTER = Path(os.environ.get("VLM_TOY_ADAPTER", Path(__file__).resolve().parents[1] / "runs" / "toy"))
-"""The miniature world's trained adapter (`vlm-train --recipe toy`); VLM_TOY_ADAPTER points elsewhere."""
 
 
 def _square_images(directory: Path, size: int, count: int) -> list[Path]:
@@ -662,16 +658,14 @@ def test_llama_cpp_runs_the_exported_gguf_files(tiny_adapter, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# The miniature world's trained adapter (skipped until `vlm-train --recipe toy` has written runs/toy)
-
-needs_toy = pytest.mark.skipif(not (TOY_ADAPTER / "projector.safetensors").is_file(), reason="no runs/toy adapter")
+# The miniature world's trained adapter (the `toy_adapter` fixture trains it once per session)
 
 
-def _toy_eval_records(count: int) -> tuple[Path, list[dict[str, Any]]]:
+def _toy_eval_records(adapter: Path, count: int) -> tuple[Path, list[dict[str, Any]]]:
     """The world directory of the toy adapter and its first `count` held-out caption records."""
     from projector_training.toy.world import WorldFiles, load_records
 
-    config = vlm.AdapterConfig.load(TOY_ADAPTER)
+    config = vlm.AdapterConfig.load(adapter)
     world = WorldFiles.at(Path(config.vision_tower.removeprefix("local-dir:")).parent / "world")
     return world.root, load_records(world.eval_captions_json)[:count]
 
@@ -680,17 +674,16 @@ def _toy_prompt(record: dict[str, Any]) -> str:
     return record["conversations"][0]["value"].removeprefix("<image>\n")
 
 
-@needs_toy
 @pytest.mark.slow
-def test_toy_adapter_llava_hf_export_generates_our_greedy_tokens(tmp_path):
+def test_toy_adapter_llava_hf_export_generates_our_greedy_tokens(toy_adapter, tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    model = vlm.load(TOY_ADAPTER, device="cpu", dtype=torch.float32)
+    model = vlm.load(toy_adapter, device="cpu", dtype=torch.float32)
     with pytest.warns(UserWarning):
         out = export_llava_hf(model, tmp_path / "llava")
     llava = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(out)
-    root, records = _toy_eval_records(20)
+    root, records = _toy_eval_records(toy_adapter, 20)
     agree = 0
     for record in records:
         image = root / record["image"]
@@ -700,15 +693,14 @@ def test_toy_adapter_llava_hf_export_generates_our_greedy_tokens(tmp_path):
     assert agree == len(records) == 20
 
 
-@needs_toy
 @pytest.mark.slow
-def test_toy_adapter_in_llama_cpp_names_the_right_attributes(tmp_path):
+def test_toy_adapter_in_llama_cpp_names_the_right_attributes(toy_adapter, tmp_path):
     from projector_training.toy.world import parse_caption
 
-    model = vlm.load(TOY_ADAPTER, device="cpu", dtype=torch.float32)
-    root, records = _toy_eval_records(50)
+    model = vlm.load(toy_adapter, device="cpu", dtype=torch.float32)
+    root, records = _toy_eval_records(toy_adapter, 50)
     correct, ours, per_attribute = 0, 0, dict.fromkeys(("size", "colour", "shape"), 0)
-    with _llama_cpp(TOY_ADAPTER, tmp_path, model) as llm:
+    with _llama_cpp(toy_adapter, tmp_path, model) as llm:
         for record in records:
             image, prompt = root / record["image"], _toy_prompt(record)
             truth = parse_caption(record["conversations"][1]["value"])
