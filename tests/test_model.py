@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import types
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -155,6 +156,25 @@ def test_preprocess_modes():
     assert preprocess_image(wide, 16, mean, std, "crop").shape == (3, 16, 16)
     with pytest.raises(ConfigError):
         preprocess_image(wide, 16, mean, std, "stretch")
+
+
+@pytest.mark.parametrize("width, height", [(47, 30), (30, 47), (33, 100), (100, 33), (64, 35)])
+def test_crop_mode_equals_clips_own_transform(width, height):
+    """`crop` is CLIP's torchvision transform exactly (sizes truncated, e.g. 100 x 32 / 33 -> 96, not 97)."""
+    from torchvision import transforms
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    clip = transforms.Compose(
+        [
+            transforms.Resize(32, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(32),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
+    pixels = np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    assert torch.equal(preprocess_image(image, 32, mean, std, "crop"), clip(image))
 
 
 def test_loading_errors_are_clear(tmp_path, tiny_lm_path, tiny_clip_path):

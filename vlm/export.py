@@ -274,11 +274,6 @@ def _tokenizer_with_image_token(model: VisionLanguageModel) -> Any:
     return tokenizer
 
 
-def _pad_colours(mean: tuple[float, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(vlm's pad colour, transformers' pad colour) for a mean: vlm rounds, transformers truncates."""
-    return tuple(round(m * 255) for m in mean), tuple(int(m * 255) for m in mean)
-
-
 def _image_processor(tower: VisionTower) -> Any:
     """The transformers image processor closest to `vlm.vision.preprocess_image` for this tower."""
     from transformers import LlavaImageProcessor
@@ -296,28 +291,14 @@ def _image_processor(tower: VisionTower) -> Any:
     return LlavaImageProcessor(size=square, do_center_crop=False, do_pad=tower.aspect == "pad", **common)
 
 
-def _preprocessing_notes(tower: VisionTower) -> list[str]:
-    """How the exported processor's preprocessing differs from vlm's, one sentence each."""
+def _preprocessing_note(tower: VisionTower) -> str:
+    """How the exported processor's preprocessing differs from vlm's."""
     size = tower.image_size
-    notes = [
-        f"Images of exactly {size}x{size} pixels are preprocessed identically. transformers resizes other "
-        "images with its torchvision backend (antialiased bicubic) where vlm uses PIL's bicubic; the two "
-        "differ by at most a grey level or two at some pixels."
-    ]
-    if tower.aspect == "pad":
-        ours, theirs = _pad_colours(tower.mean)
-        if ours != theirs:
-            notes.append(
-                f"Non-square images are padded to a square with the mean colour before resizing, as in vlm, but "
-                f"LlavaImageProcessor computes it as int(mean * 255) = {theirs} where vlm rounds to {ours}; the "
-                "padding differs by one grey level per channel at most."
-            )
-    elif tower.aspect == "crop":
-        notes.append(
-            "The short side is resized to the tower's size and the centre cropped, as in vlm; transformers "
-            "truncates the long side's new length where vlm rounds it, so crops can differ by one pixel."
-        )
-    return notes
+    return (
+        f"Images of exactly {size}x{size} pixels are preprocessed identically (the pad colour and crop "
+        "arithmetic match too). transformers resizes other images with its torchvision backend (antialiased "
+        "bicubic) where vlm uses PIL's bicubic; the two differ by at most a grey level or two at some pixels."
+    )
 
 
 def _generation_config(model: VisionLanguageModel) -> Any:
@@ -333,7 +314,7 @@ def _generation_config(model: VisionLanguageModel) -> Any:
     )
 
 
-def _llava_readme(model: VisionLanguageModel, notes: list[str]) -> str:
+def _llava_readme(model: VisionLanguageModel, note: str) -> str:
     config = model.config
     tokens = model.tokenizer.convert_ids_to_tokens(list(model.stop_ids))
     return "\n".join(
@@ -371,7 +352,7 @@ def _llava_readme(model: VisionLanguageModel, notes: list[str]) -> str:
             f"vlm preprocessing mode: `{config.image_aspect}`, {model.vision.image_size} px, "
             f"mean {list(model.vision.mean)}, std {list(model.vision.std)}.",
             "",
-            *(f"- {note}" for note in notes),
+            note,
             "",
         ]
     )
@@ -403,12 +384,8 @@ def export_llava_hf(model: VisionLanguageModel, out: str | Path) -> Path:
         image_token=model.config.image_token,
         num_additional_image_tokens=1,  # the CLS token, dropped by the "default" strategy
     )
-    notes = _preprocessing_notes(model.vision)
-    if len(notes) > 1:
-        warnings.warn(
-            "the exported image processor does not match vlm's preprocessing exactly: " + " ".join(notes[1:]),
-            stacklevel=2,
-        )
+    note = _preprocessing_note(model.vision)
+    warnings.warn(f"the exported image processor does not match vlm's preprocessing exactly: {note}", stacklevel=2)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     llava.save_pretrained(staging)
@@ -417,7 +394,7 @@ def export_llava_hf(model: VisionLanguageModel, out: str | Path) -> Path:
     config = json.loads(config_path.read_text())
     config["image_token_id"] = config["image_token_index"] = model.config.image_token_id  # both names are read
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (staging / "README.md").write_text(_llava_readme(model, notes))
+    (staging / "README.md").write_text(_llava_readme(model, note))
     if out.exists():
         out.rmdir()
     staging.rename(out)

@@ -36,7 +36,7 @@ def preprocess_image(
     if aspect == "pad":
         if width != height:
             side = max(width, height)
-            fill = tuple(round(m * 255) for m in mean)
+            fill = tuple(int(m * 255) for m in mean)  # truncated, as LLaVA's expand2square and transformers
             square = Image.new("RGB", (side, side), fill)
             square.paste(image, ((side - width) // 2, (side - height) // 2))
             image = square
@@ -45,7 +45,7 @@ def preprocess_image(
         image = image.resize((size, size), Image.Resampling.BICUBIC)
     elif aspect == "crop":
         scale = size / min(width, height)
-        new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+        new_w, new_h = max(size, int(width * scale)), max(size, int(height * scale))  # truncated, as torchvision
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
         left, top = (new_w - size) // 2, (new_h - size) // 2
         image = image.crop((left, top, left + size, top + size))
