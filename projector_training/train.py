@@ -38,7 +38,7 @@ from projector_training.data import (
     record_images,
 )
 from vlm.config import PROJECTOR_NAME, AdapterConfig
-from vlm.errors import VLMError
+from vlm.errors import ConfigError, VLMError
 from vlm.model import VisionLanguageModel, build_model
 from vlm.projector import load_llava_projector
 from vlm.prompt import IGNORE_INDEX
@@ -152,8 +152,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def load_checkpoint(path: Path, model: VisionLanguageModel, optimizer: Any, scheduler: Any) -> TrainState:
     from safetensors.torch import load_file
 
-    model.load_projector_state(load_file(str(path / PROJECTOR_NAME), device=str(model.device)))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=model.device, weights_only=True))
+    device = next(model.projector.parameters()).device  # under FSDP the LM is still on the CPU here
+    model.load_projector_state(load_file(str(path / PROJECTOR_NAME), device=str(device)))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=False)  # our own file: python/numpy RNG tuples
     random.setstate(rng["python"])
@@ -197,7 +198,7 @@ def check_images(
 
 
 def train(cfg: TrainConfig) -> Path:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedType
     from tqdm.auto import tqdm
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
@@ -222,9 +223,12 @@ def train(cfg: TrainConfig) -> Path:
     log(f"run directory {run_dir}; {world} process(es), micro-batch {cfg.micro_batch_size}, accumulation {accum}")
 
     # 1. The model: frozen tower and LM in the compute dtype, fp32 projector (the trainable master weights).
+    #    Under FSDP the frozen backbones stay on the CPU until FSDP shards them onto the devices (a card need
+    #    not hold a whole replica); the projector, replicated, goes to the device now.
     lm_dtype = torch.bfloat16 if cfg.resolved_mixed_precision() == "bf16" else torch.float32
-    model = build_model(adapter_config(cfg), device=accelerator.device, dtype=lm_dtype)
-    model.projector.float()
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    model = build_model(adapter_config(cfg), device="cpu" if fsdp else accelerator.device, dtype=lm_dtype)
+    model.projector.to(device=accelerator.device, dtype=torch.float32)
     init_projector(model, cfg)
     params = freeze(model, log)
     if cfg.gradient_checkpointing:
@@ -256,8 +260,12 @@ def train(cfg: TrainConfig) -> Path:
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, scheduler)
         log(f"resumed from {resume_from} at step {state.step}")
+    shapes = [tuple(p.shape) for p in params]
     model, optimizer = accelerator.prepare(model, optimizer)
     core: VisionLanguageModel = accelerator.unwrap_model(model)
+    if fsdp:
+        _check_projector_unsharded(core, shapes)
+        log(f"FSDP: {_count_fsdp_units(model)} sharded units; the projector is replicated on every process")
 
     sampler = GlobalBatchSampler(
         lengths, cfg.global_batch_size, world, accelerator.process_index, accum, cfg.seed,
@@ -302,6 +310,8 @@ def train(cfg: TrainConfig) -> Path:
                 # DDP averages gradients over processes; scale so the result is sum / global label tokens.
                 accelerator.backward(loss * world)
                 step_loss += loss.detach()
+        if fsdp and world > 1:  # FSDP leaves the (ignored) projector's gradients to us: average them as DDP does
+            _all_reduce_mean([p.grad for p in params if p.grad is not None], world)
         step_loss = accelerator.reduce(step_loss, "sum")
         batch_samples = total(sum(m["num_samples"] for m in micro))
         skipped = total(sum(m["num_skipped"] for m in micro))
@@ -359,6 +369,35 @@ def train(cfg: TrainConfig) -> Path:
         log("summary: " + json.dumps(summary))
     accelerator.end_training()
     return run_dir
+
+
+def _check_projector_unsharded(core: VisionLanguageModel, shapes: list[tuple[int, ...]]) -> None:
+    """Under FSDP the frozen towers are sharded but the small trainable projector must stay whole."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(core.projector.parameters())
+    if any(isinstance(p, DTensor) for p in params) or [tuple(p.shape) for p in params] != shapes:
+        raise ConfigError(
+            "FSDP sharded the projector: add `fsdp_ignored_modules: projector` to the accelerate config's "
+            "fsdp_config (configs/accelerate/fsdp.yaml has it) so that only the frozen LM and tower are sharded"
+        )
+
+
+def _count_fsdp_units(model: torch.nn.Module) -> int:
+    """FSDP1 wrappers or FSDP2 fully_shard modules (whose classes are renamed FSDP<name>)."""
+    names = (type(m).__name__ for m in model.modules())
+    return sum(name == "FullyShardedDataParallel" or name.startswith("FSDP") for name in names)
+
+
+def _all_reduce_mean(grads: list[torch.Tensor], world: int) -> None:
+    """Average gradients over the processes in one collective (what DDP does for its parameters)."""
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

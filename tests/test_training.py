@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -140,6 +141,42 @@ def test_two_processes_match_one_process(micro_world, reference_run, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     ours, reference = _projector(out), _projector(reference_run)
     assert max((ours[k] - reference[k]).abs().max().item() for k in reference) <= 1e-5
+
+
+def _fsdp_on_cpu(micro_world, out: Path, **fsdp_overrides) -> subprocess.CompletedProcess:
+    """The shipped FSDP config on 2 CPU processes (gloo), launched through tests/fsdp_on_cpu.py."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((root / "configs" / "accelerate" / "fsdp.yaml").read_text())
+    config.update(use_cpu=True, num_processes=2, mixed_precision="no")
+    # The micro world's tower is open_clip, whose layers are ResidualAttentionBlocks.
+    config["fsdp_config"].update(fsdp_transformer_layer_cls_to_wrap="LlamaDecoderLayer,ResidualAttentionBlock")
+    config["fsdp_config"].update(fsdp_overrides)
+    config["fsdp_config"] = {k: v for k, v in config["fsdp_config"].items() if v is not None}
+    config_file = out.parent / "fsdp-cpu.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
+        root / "tests" / "fsdp_on_cpu.py", *_flags(micro_world, out, **{"micro-batch-size": 4}),
+    ]  # fmt: skip
+    return subprocess.run(list(map(str, cmd)), env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def test_fsdp_config_shards_the_frozen_parts_and_matches_one_process(micro_world, reference_run, tmp_path):
+    done = _fsdp_on_cpu(micro_world, tmp_path / "fsdp")
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log
+    units = re.search(r"FSDP: (\d+) sharded units", log)
+    assert units and int(units.group(1)) >= 3, log  # the LM's 2 decoder layers, the tower's layer(s), the root
+    ours, reference = _projector(tmp_path / "fsdp"), _projector(reference_run)
+    assert max((ours[k] - reference[k]).abs().max().item() for k in reference) <= 1e-5
+
+
+def test_fsdp_without_the_ignored_projector_says_what_to_add(micro_world, tmp_path):
+    done = _fsdp_on_cpu(micro_world, tmp_path / "fsdp", fsdp_ignored_modules=None)
+    assert done.returncode != 0
+    assert "add `fsdp_ignored_modules: projector`" in done.stdout + done.stderr
 
 
 def test_nonfinite_losses_are_skipped_then_abort(micro_world, tmp_path):
