@@ -247,3 +247,18 @@ def test_static_cache_decoding_gives_the_same_tokens_as_the_plain_path(tiny_adap
     assert model.caption_batch(rgb_images, batch_size=3, max_new_tokens=24) == plain
     assert model.caption(rgb_images[0], max_new_tokens=24, temperature=1.0, seed=3) == sampled
     assert model._decoder is not None and model._decoder.max_len % 256 == 0
+
+
+def test_compiled_decode_layers_give_the_same_tokens_and_compile_once(tiny_adapter, rgb_images):
+    from torch._dynamo.utils import counters
+
+    model = vlm.load(tiny_adapter, device="cpu")
+    model.decode_mode = "static"
+    plain = model.caption_batch(rgb_images, batch_size=3, max_new_tokens=12)
+    torch._dynamo.reset()
+    counters.clear()
+    model.decode_mode = "compiled"
+    model._decoder = None
+    assert model.caption_batch(rgb_images, batch_size=3, max_new_tokens=12) == plain
+    # one graph per half of a decoder layer, shared by both layers and every step
+    assert counters["stats"]["unique_graphs"] == 2

@@ -7,6 +7,11 @@ recorded as one CUDA graph and replayed for every token. The step reuses the LM'
 (norms, projections with their biases, MLP, rotary embedding), so it computes what transformers
 computes; on the CPU it runs eagerly and tests compare its tokens with the plain path.
 
+With `compile_layers`, the two halves of a decoder layer around the cache write and attention (norm,
+projections, rotary; output projection, residuals, norm, MLP) go through `torch.compile`, which fuses
+their small elementwise kernels. Every layer has the same shapes, so one compiled function serves all of
+them; the cache write and attention stay eager, so no compiled graph mutates the cache.
+
 Prefill still goes through transformers (one big batched pass); its keys and values are then copied
 into the static cache. Rows are left-padded together, so every row writes the same cache slot at each
 step while keeping its own rotary position.
@@ -28,15 +33,39 @@ def supports_static_decode(lm: nn.Module) -> bool:
     return getattr(lm.config, "model_type", None) == "llama" and not getattr(lm.config, "pretraining_tp", 1) > 1
 
 
+def _attention_inputs(
+    layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """First half of a decoder layer for one new token per row: (B, 1, H) -> q, k (after rotary), v."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn, batch = layer.self_attn, hidden.shape[0]
+    x = layer.input_layernorm(hidden)
+    q = attn.q_proj(x).view(batch, 1, heads, -1).transpose(1, 2)  # (B, Hq, 1, D)
+    k = attn.k_proj(x).view(batch, 1, kv_heads, -1).transpose(1, 2)  # (B, Hk, 1, D)
+    v = attn.v_proj(x).view(batch, 1, kv_heads, -1).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, k, v
+
+
+def _attention_output_and_mlp(layer: nn.Module, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """Second half: attention output (B, Hq, 1, D) -> residual, norm, MLP, residual -> (B, 1, H)."""
+    batch = hidden.shape[0]
+    hidden = hidden + layer.self_attn.o_proj(attended.transpose(1, 2).reshape(batch, 1, -1))
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
 class StaticDecoder:
     """One-token decode steps for `batch_size` rows over a cache of `max_len` slots."""
 
-    def __init__(self, lm: nn.Module, batch_size: int, max_len: int, use_cuda_graph: bool):
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
+    def __init__(
+        self, lm: nn.Module, batch_size: int, max_len: int, use_cuda_graph: bool, compile_layers: bool = False
+    ):
         self.lm = lm
         self.decoder = lm.get_decoder()
-        self.rotate = apply_rotary_pos_emb
+        compile_half = torch.compile(fullgraph=True, dynamic=False) if compile_layers else (lambda f: f)
+        self._first_half = compile_half(_attention_inputs)
+        self._second_half = compile_half(_attention_output_and_mlp)
         config = lm.config
         self.batch_size, self.max_len = batch_size, max_len
         self.heads = config.num_attention_heads
@@ -70,26 +99,19 @@ class StaticDecoder:
     @torch.inference_mode()
     def _step(self) -> torch.Tensor:
         """ids (B, 1) at rotary `positions` (B, 1), written to cache `slot` -> last logits (B, V)."""
-        batch = self.batch_size
         hidden = self.decoder.embed_tokens(self.ids)  # (B, 1, H)
         cos, sin = self.decoder.rotary_emb(hidden, self.positions)
         self.valid.index_fill_(1, self.slot, True)
         mask = self.valid[:, None, None, :]  # (B, 1, 1, L)
+        gqa = self.heads != self.kv_heads
         for i, layer in enumerate(self.decoder.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(batch, 1, self.heads, self.head_dim).transpose(1, 2)  # (B, Hq, 1, D)
-            k = attn.k_proj(x).view(batch, 1, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hk, 1, D)
-            v = attn.v_proj(x).view(batch, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = self.rotate(q, k, cos, sin)
+            q, k, v = self._first_half(layer, hidden, cos, sin, self.heads, self.kv_heads)
             self.keys[i].index_copy_(2, self.slot, k)
             self.values[i].index_copy_(2, self.slot, v)
-            gqa = self.heads != self.kv_heads
-            out = F.scaled_dot_product_attention(
-                q, self.keys[i], self.values[i], attn_mask=mask, scale=attn.scaling, enable_gqa=gqa
+            attended = F.scaled_dot_product_attention(
+                q, self.keys[i], self.values[i], attn_mask=mask, scale=layer.self_attn.scaling, enable_gqa=gqa
             )  # (B, Hq, 1, D)
-            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, 1, self.heads * self.head_dim))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = self._second_half(layer, hidden, attended)
         hidden = self.decoder.norm(hidden)
         return self.lm.get_output_embeddings()(hidden[:, -1])  # (B, V)
 

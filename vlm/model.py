@@ -100,7 +100,8 @@ class VisionLanguageModel(nn.Module):
         self._lock = threading.Lock()
         self.decode_mode = "auto"
         """`auto` (static cache + CUDA graph on GPU for Llama LMs, else plain), `cuda_graph`, `static`
-        (static cache without graph capture) or `dynamic` (transformers' DynamicCache)."""
+        (static cache without graph capture), `compiled` (as `cuda_graph` on GPU, with each decoder layer's
+        elementwise work fused by torch.compile; experimental) or `dynamic` (transformers' DynamicCache)."""
         self._decoder: StaticDecoder | None = None
 
     def train(self, mode: bool = True) -> VisionLanguageModel:
@@ -312,7 +313,8 @@ class VisionLanguageModel(nn.Module):
         if current is None or current.batch_size != batch_size or current.max_len < length:
             self._decoder = None  # free the old cache before allocating the new one
             bucket = -(-length // 256) * 256
-            self._decoder = StaticDecoder(self.lm, batch_size, bucket, use_cuda_graph=mode == "cuda_graph")
+            graph = mode == "cuda_graph" or (mode == "compiled" and self.device.type == "cuda")
+            self._decoder = StaticDecoder(self.lm, batch_size, bucket, graph, compile_layers=mode == "compiled")
         return self._decoder
 
     def _stream(self, chats: Sequence[EncodedChat], options: GenerationOptions) -> Iterator[list[str]]:
