@@ -233,6 +233,8 @@ def train(cfg: TrainConfig) -> Path:
     params = freeze(model, log)
     if cfg.gradient_checkpointing:
         model.lm.gradient_checkpointing_enable()
+    if cfg.compile_lm_layers:
+        model.compile_lm_layers()
 
     # 2. The data.
     image_root = Path(cfg.image_root)

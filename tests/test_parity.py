@@ -68,6 +68,33 @@ def test_loss_matches_transformers_and_head_runs_on_label_rows_only(pair, rgb_im
     assert ours.num_label_tokens == num_labels < ids.numel() // 4
 
 
+def test_compiled_lm_layers_give_the_same_loss_and_projector_gradients(tiny_adapter, rgb_images):
+    from torch._dynamo.utils import counters
+
+    model = vlm.load(tiny_adapter, device="cpu", dtype=torch.float32)
+    ids, mask, labels, pixels = _right_padded(model, _conversations(rgb_images))
+
+    def loss_and_grads() -> tuple[float, list[torch.Tensor]]:
+        model.projector.zero_grad(set_to_none=True)
+        loss = model(ids, mask, pixels, labels=labels).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.projector.parameters()]
+
+    plain_loss, plain_grads = loss_and_grads()
+    torch._dynamo.reset()
+    counters.clear()
+    model.compile_lm_layers()
+    try:
+        for _ in range(2):
+            loss, grads = loss_and_grads()
+            assert abs(loss - plain_loss) <= 1e-5
+            assert all(torch.allclose(g, h, rtol=1e-4, atol=1e-6) for g, h in zip(grads, plain_grads, strict=True))
+        assert counters["stats"]["unique_graphs"] == 1  # one graph serves both layers and both calls
+    finally:
+        model.compile_lm_layers(False)
+    assert all(layer._compiled_call_impl is None for layer in model.lm.get_decoder().layers)
+
+
 def test_greedy_generation_matches_transformers(tiny_adapter, rgb_images):
     model = vlm.load(tiny_adapter, device="cpu", dtype=torch.float32)
     with torch.no_grad():  # no early stop: both sides must produce 16 tokens to compare

@@ -179,6 +179,15 @@ def test_fsdp_without_the_ignored_projector_says_what_to_add(micro_world, tmp_pa
     assert "add `fsdp_ignored_modules: projector`" in done.stdout + done.stderr
 
 
+def test_compiled_lm_layers_train_the_same_projector(micro_world, reference_run, tmp_path, request):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the reference subprocess (OMP_NUM_THREADS=1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    train(parse_args(_flags(micro_world, tmp_path / "compiled", **{"compile-lm-layers": "true"})))
+    ours, reference = _projector(tmp_path / "compiled"), _projector(reference_run)
+    assert max((ours[k] - reference[k]).abs().max().item() for k in reference) <= 1e-4
+
+
 def test_nonfinite_losses_are_skipped_then_abort(micro_world, tmp_path):
     cfg = parse_args(
         _flags(micro_world, tmp_path / "nan", lr=1e30, **{"max-nonfinite-steps": 1, "max-grad-norm": 1e30})

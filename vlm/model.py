@@ -104,6 +104,17 @@ class VisionLanguageModel(nn.Module):
         elementwise work fused by torch.compile; experimental) or `dynamic` (transformers' DynamicCache)."""
         self._decoder: StaticDecoder | None = None
 
+    def compile_lm_layers(self, enable: bool = True) -> None:
+        """Run each LM decoder layer through `torch.compile` (training and prefill), or undo it.
+
+        The layers share their code and shapes, so one compilation serves them all; new sequence
+        lengths recompile once and then run with dynamic shapes."""
+        for layer in self.lm.get_decoder().layers:
+            if enable:
+                layer.compile()
+            else:
+                layer._compiled_call_impl = None  # what nn.Module.compile sets
+
     def train(self, mode: bool = True) -> VisionLanguageModel:
         # Only the projector trains; the frozen LM and tower keep dropout and the like switched off.
         super().train(mode)
@@ -197,9 +208,10 @@ class VisionLanguageModel(nn.Module):
         given (the label-token count of a whole accumulated or distributed global batch)."""
         embeds = self.embed(input_ids, pixel_values)
         if labels is None:
-            logits = self.lm(inputs_embeds=embeds, attention_mask=attention_mask).logits
+            logits = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
             return ModelOutput(loss=None, logits=logits)
-        hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        decoder = self.lm.get_decoder()
+        hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
         targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
         keep = targets != IGNORE_INDEX
         logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep])  # (L, V)
