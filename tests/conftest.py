@@ -192,3 +192,13 @@ def toy_adapter(tmp_path_factory) -> Path:
     if done.returncode != 0:
         pytest.fail(f"vlm-train --recipe toy failed ({done.returncode}):\n{log.read_text()[-4000:]}")
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def toy_world(toy_adapter: Path):
+    """The files of the miniature world the toy adapter was trained on (beside its CLIP in the cache)."""
+    import vlm
+    from projector_training.toy.world import WorldFiles
+
+    tower = vlm.AdapterConfig.load(toy_adapter).vision_tower.removeprefix("local-dir:")
+    return WorldFiles.at(Path(tower).parent / "world")

@@ -195,6 +195,20 @@ def test_processor_pads_non_square_images_with_our_colour(hf_export, tmp_path):
     assert (theirs - ours).abs().max().item() <= 1e-6
 
 
+def test_processor_resizes_within_a_grey_level_or_two_of_ours(hf_export):
+    """What the export's README and warning say of images that need resizing (torchvision vs PIL bicubic)."""
+    from transformers import AutoProcessor
+
+    model, out = hf_export
+    processor = AutoProcessor.from_pretrained(out)
+    rng = np.random.default_rng(6)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in [(45, 45), (100, 37)]]
+    theirs = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    std = torch.tensor(model.vision.std)[None, :, None, None]
+    grey_levels = ((theirs - model.pixel_values(images)) * std * 255).abs()
+    assert 0 < grey_levels.max().item() <= 2
+
+
 def test_loaded_llava_generates_our_greedy_tokens(hf_export, tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -674,12 +688,10 @@ def test_llama_cpp_runs_the_exported_gguf_files(tiny_adapter, tmp_path):
 # The miniature world's trained adapter (the `toy_adapter` fixture trains it once per session)
 
 
-def _toy_eval_records(adapter: Path, count: int) -> tuple[Path, list[dict[str, Any]]]:
-    """The world directory of the toy adapter and its first `count` held-out caption records."""
-    from projector_training.toy.world import WorldFiles, load_records
+def _toy_eval_records(world: Any, count: int) -> tuple[Path, list[dict[str, Any]]]:
+    """The world directory and its first `count` held-out caption records."""
+    from projector_training.data import load_records
 
-    config = vlm.AdapterConfig.load(adapter)
-    world = WorldFiles.at(Path(config.vision_tower.removeprefix("local-dir:")).parent / "world")
     return world.root, load_records(world.eval_captions_json)[:count]
 
 
@@ -688,7 +700,7 @@ def _toy_prompt(record: dict[str, Any]) -> str:
 
 
 @pytest.mark.slow
-def test_toy_adapter_llava_hf_export_generates_our_greedy_tokens(toy_adapter, tmp_path):
+def test_toy_adapter_llava_hf_export_generates_our_greedy_tokens(toy_adapter, toy_world, tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     model = vlm.load(toy_adapter, device="cpu", dtype=torch.float32)
@@ -696,7 +708,7 @@ def test_toy_adapter_llava_hf_export_generates_our_greedy_tokens(toy_adapter, tm
         out = export_llava_hf(model, tmp_path / "llava")
     llava = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(out)
-    root, records = _toy_eval_records(toy_adapter, 20)
+    root, records = _toy_eval_records(toy_world, 20)
     agree = 0
     for record in records:
         image = root / record["image"]
@@ -707,11 +719,11 @@ def test_toy_adapter_llava_hf_export_generates_our_greedy_tokens(toy_adapter, tm
 
 
 @pytest.mark.slow
-def test_toy_adapter_in_llama_cpp_names_the_right_attributes(toy_adapter, tmp_path):
+def test_toy_adapter_in_llama_cpp_names_the_right_attributes(toy_adapter, toy_world, tmp_path):
     from projector_training.toy.world import parse_caption
 
     model = vlm.load(toy_adapter, device="cpu", dtype=torch.float32)
-    root, records = _toy_eval_records(toy_adapter, 50)
+    root, records = _toy_eval_records(toy_world, 50)
     correct, ours, per_attribute = 0, 0, dict.fromkeys(("size", "colour", "shape"), 0)
     with _llama_cpp(toy_adapter, tmp_path, model) as llm:
         for record in records:

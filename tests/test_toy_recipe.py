@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import vlm
+from projector_training.data import load_records
 
 
 def test_toy_recipe_aligns_the_projector(toy_adapter: Path) -> None:
@@ -26,13 +26,9 @@ def test_toy_recipe_aligns_the_projector(toy_adapter: Path) -> None:
     assert summary["final_loss"] < 0.2
 
 
-def test_vlm_caption_prints_held_out_captions(toy_adapter: Path) -> None:
-    from projector_training.toy.world import WorldFiles, load_records
-
-    config = vlm.AdapterConfig.load(toy_adapter)
-    world = WorldFiles.at(Path(config.vision_tower.removeprefix("local-dir:")).parent / "world")
-    records = load_records(world.eval_captions_json)[:20]
-    images = [str(world.root / r["image"]) for r in records]
+def test_vlm_caption_prints_held_out_captions(toy_adapter: Path, toy_world) -> None:
+    records = load_records(toy_world.eval_captions_json)[:20]
+    images = [str(toy_world.root / r["image"]) for r in records]
     script = Path(sys.executable).with_name("vlm")
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "vlm"]
     done = subprocess.run(

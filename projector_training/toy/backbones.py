@@ -59,6 +59,7 @@ from projector_training.toy.world import (
     load_records,
 )
 from vlm.config import DEFAULT_SYSTEM_PROMPT
+from vlm.prompt import IGNORE_INDEX
 
 __all__ = ["ToyConfig", "ToyWorld", "ensure_toy_world"]
 
@@ -67,7 +68,6 @@ Log = Callable[[str], None]
 BUILD_VERSION = 1
 """Part of every cache fingerprint: bump it when a code change alters what a piece builds."""
 DONE = "done.json"
-IGNORE_INDEX = -100
 SHORT_CONTEXT = 12
 """Typical context length, in words, in the first (short-context) part of the LM's training."""
 SYSTEM_PROMPTS = (DEFAULT_SYSTEM_PROMPT, "You are a concise assistant.", "Answer briefly.")

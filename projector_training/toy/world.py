@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from projector_training.data import load_records
+
 __all__ = [
     "ATTRIBUTES",
     "CAPTION_INSTRUCTIONS",
@@ -264,8 +266,3 @@ def build_world(root: Path, *, seed: int, n_train: int, n_eval: int, image_size:
     for path, records in ((files.train_json, train), (files.eval_captions_json, captions), (files.eval_vqa_json, vqa)):
         path.write_text(json.dumps(records, indent=1) + "\n")
     return files
-
-
-def load_records(path: Path) -> list[dict[str, Any]]:
-    """The records of one of the world's JSON files."""
-    return json.loads(Path(path).read_text())
