@@ -95,6 +95,35 @@ def test_compiled_lm_layers_give_the_same_loss_and_projector_gradients(tiny_adap
     assert all(layer._compiled_call_impl is None for layer in model.lm.get_decoder().layers)
 
 
+def test_gradient_checkpointing_recomputes_the_frozen_layers_and_gives_the_same_gradients(tiny_adapter, rgb_images):
+    model = vlm.load(tiny_adapter, device="cpu", dtype=torch.float32)
+    model.train()
+    ids, mask, labels, pixels = _right_padded(model, _conversations(rgb_images))
+    mlp_calls = []  # the recompute stops early, after the last op whose saved tensors backward needs
+    model.lm.get_decoder().layers[0].mlp.gate_proj.register_forward_hook(lambda *_: mlp_calls.append(1))
+
+    def step() -> tuple[int, float, list[torch.Tensor]]:
+        mlp_calls.clear()
+        model.projector.zero_grad(set_to_none=True)
+        loss = model(ids, mask, pixels, labels=labels).loss
+        loss.backward()
+        return len(mlp_calls), loss.item(), [p.grad.clone() for p in model.projector.parameters()]
+
+    calls, plain_loss, plain_grads = step()
+    assert calls == 1
+    model.enable_gradient_checkpointing()
+    calls, loss, grads = step()
+    assert calls == 2  # the layer ran again in backward: its activations were not kept
+    assert abs(loss - plain_loss) <= 1e-6
+    assert all(torch.allclose(g, h, rtol=1e-5, atol=1e-7) for g, h in zip(grads, plain_grads, strict=True))
+    assert not model.lm.get_decoder().layers[0].mlp.training  # dropout stays off in the frozen parts
+    model.eval()
+    with torch.no_grad():
+        mlp_calls.clear()
+        model(ids, mask, pixels)
+    assert len(mlp_calls) == 1
+
+
 def test_greedy_generation_matches_transformers(tiny_adapter, rgb_images):
     model = vlm.load(tiny_adapter, device="cpu", dtype=torch.float32)
     with torch.no_grad():  # no early stop: both sides must produce 16 tokens to compare
