@@ -71,7 +71,11 @@ class TrainConfig:
     global_batch_size: int = 256
     """Samples per optimizer step over all processes (micro_batch_size x processes x accumulation)."""
     micro_batch_size: int = 16
-    """Samples per forward pass on one process."""
+    """Samples per forward pass on one process (with auto_micro_batch on a GPU: the largest tried)."""
+    auto_micro_batch: bool = True
+    """On a GPU, before training: halve micro_batch_size (powers of two that divide the batch) until a
+    forward and backward pass of the longest samples fits; if none fits, switch gradient checkpointing
+    on and search again. Not under FSDP or on the CPU, where micro_batch_size is used as given."""
     epochs: int = 1
     max_steps: int | None = None
     """Stop after this many optimizer steps (the schedule is laid out over them)."""

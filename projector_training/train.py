@@ -37,6 +37,7 @@ from projector_training.data import (
     load_records,
     record_images,
 )
+from projector_training.memory import candidate_micro_batches, fit_micro_batch, is_out_of_memory, within_headroom
 from vlm.config import PROJECTOR_NAME, AdapterConfig
 from vlm.errors import ConfigError, VLMError
 from vlm.model import VisionLanguageModel, build_model
@@ -215,12 +216,11 @@ def train(cfg: TrainConfig) -> Path:
             f"global_batch_size {cfg.global_batch_size} must be a multiple of micro_batch_size x processes "
             f"({cfg.micro_batch_size} x {world})"
         )
-    accum = cfg.global_batch_size // (cfg.micro_batch_size * world)
     log = logger.info if accelerator.is_main_process else (lambda *_: None)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "train_config.yaml")
-    log(f"run directory {run_dir}; {world} process(es), micro-batch {cfg.micro_batch_size}, accumulation {accum}")
+    log(f"run directory {run_dir}; {world} process(es)")
 
     # 1. The model: frozen tower and LM in the compute dtype, fp32 projector (the trainable master weights).
     #    Under FSDP the frozen backbones stay on the CPU until FSDP shards them onto the devices (a card need
@@ -232,7 +232,7 @@ def train(cfg: TrainConfig) -> Path:
     init_projector(model, cfg)
     params = freeze(model, log)
     if cfg.gradient_checkpointing:
-        model.lm.gradient_checkpointing_enable()
+        model.enable_gradient_checkpointing()
     if cfg.compile_lm_layers:
         model.compile_lm_layers()
 
@@ -242,7 +242,14 @@ def train(cfg: TrainConfig) -> Path:
     dataset = ConversationDataset(records, image_root, model, cfg.max_length)
     lengths = [dataset.length(i) for i in range(len(dataset))]
 
-    # 3. Optimiser and schedule over the whole run.
+    # 3. The micro-batch: on a GPU, the largest that fits (halving micro_batch_size, checkpointing last).
+    micro_batch, checkpointing = cfg.micro_batch_size, cfg.gradient_checkpointing
+    if cfg.auto_micro_batch and _can_probe(accelerator, fsdp):
+        micro_batch, checkpointing = _choose_micro_batch(cfg, model, dataset, lengths, accelerator, log)
+    accum = cfg.global_batch_size // (micro_batch * world)
+    log(f"micro-batch {micro_batch}, accumulation {accum}" + (", gradient checkpointing" if checkpointing else ""))
+
+    # 4. Optimiser and schedule over the whole run.
     steps_per_epoch = len(records) // cfg.global_batch_size
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
@@ -256,7 +263,7 @@ def train(cfg: TrainConfig) -> Path:
     schedule = get_cosine_schedule_with_warmup if cfg.lr_schedule == "cosine" else get_constant_schedule_with_warmup
     scheduler = schedule(optimizer, warmup, total_steps) if cfg.lr_schedule == "cosine" else schedule(optimizer, warmup)
 
-    # 4. Resume from the newest complete checkpoint.
+    # 5. Resume from the newest complete checkpoint.
     state = TrainState()
     resume_from = _resume_path(cfg, run_dir)
     if resume_from is not None:
@@ -279,7 +286,7 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.report_to != "none":
         accelerator.init_trackers("train", config=cfg.to_dict())
 
-    # 5. The loop: one optimizer step per global batch.
+    # 6. The loop: one optimizer step per global batch.
     batches = iter(loader)
     bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="align")
     started, start_samples = time.time() - state.elapsed, state.samples
@@ -296,22 +303,27 @@ def train(cfg: TrainConfig) -> Path:
         step_loss = torch.zeros((), device=accelerator.device)
         for i, m in enumerate(micro):
             sync = i == accum - 1
-            with nullcontext() if sync or world == 1 else accelerator.no_sync(model):
-                if m["num_samples"] == 0:  # every sample was unusable: keep the processes in step
-                    loss = sum(p.sum() for p in params) * 0.0
-                else:
-                    with accelerator.autocast():
-                        out = model(
-                            input_ids=m["input_ids"].to(accelerator.device),
-                            attention_mask=m["attention_mask"].to(accelerator.device),
-                            pixel_values=_to(m["pixel_values"], accelerator.device),
-                            labels=m["labels"].to(accelerator.device),
-                            num_items=max(num_items, 1),
-                        )
-                    loss = out.loss
-                # DDP averages gradients over processes; scale so the result is sum / global label tokens.
-                accelerator.backward(loss * world)
-                step_loss += loss.detach()
+            try:
+                with nullcontext() if sync or world == 1 else accelerator.no_sync(model):
+                    if m["num_samples"] == 0:  # every sample was unusable: keep the processes in step
+                        loss = sum(p.sum() for p in params) * 0.0
+                    else:
+                        with accelerator.autocast():
+                            out = model(
+                                input_ids=m["input_ids"].to(accelerator.device),
+                                attention_mask=m["attention_mask"].to(accelerator.device),
+                                pixel_values=_to(m["pixel_values"], accelerator.device),
+                                labels=m["labels"].to(accelerator.device),
+                                num_items=max(num_items, 1),
+                            )
+                        loss = out.loss
+                    # DDP averages gradients over processes; scale so the result is sum / global label tokens.
+                    accelerator.backward(loss * world)
+                    step_loss += loss.detach()
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+                raise VLMError(_out_of_memory_advice(run_dir, state.step, micro_batch, m)) from None
         if fsdp and world > 1:  # FSDP leaves the (ignored) projector's gradients to us: average them as DDP does
             _all_reduce_mean([p.grad for p in params if p.grad is not None], world)
         step_loss = accelerator.reduce(step_loss, "sum")
@@ -366,11 +378,77 @@ def train(cfg: TrainConfig) -> Path:
             "nonfinite_steps": state.nonfinite_steps,
             "seconds": round(state.elapsed, 1),
             "final_loss": state.last_loss,
+            "micro_batch_size": micro_batch,
+            "gradient_checkpointing": checkpointing,
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log("summary: " + json.dumps(summary))
     accelerator.end_training()
     return run_dir
+
+
+def _can_probe(accelerator: Any, fsdp: bool) -> bool:
+    """Memory tries need a CUDA device; under FSDP a try would run sharded collectives that an
+    out-of-memory on one process would leave the others waiting in, so FSDP keeps micro_batch_size."""
+    return accelerator.device.type == "cuda" and not fsdp
+
+
+def _choose_micro_batch(
+    cfg: TrainConfig, model: VisionLanguageModel, dataset: Any, lengths: list[int], accelerator: Any, log: Any
+) -> tuple[int, bool]:
+    """Try forward + backward on the longest samples at each candidate micro-batch (see memory.py);
+    every process tries on its own card, then all take the most cautious answer."""
+    world = accelerator.num_processes
+    candidates = candidate_micro_batches(cfg.micro_batch_size, cfg.global_batch_size // world)
+    longest = sorted(range(len(lengths)), key=lambda i: -lengths[i])[: candidates[0]]
+    samples = sorted((s for s in (dataset[i] for i in longest) if s is not None), key=lambda s: -len(s.input_ids))
+    if not samples:
+        return cfg.micro_batch_size, cfg.gradient_checkpointing
+    collate = Collator(model.pad_id)
+    params = list(model.projector.parameters())
+
+    def fits(batch: int) -> bool:
+        m = collate([samples[i % len(samples)] for i in range(batch)])
+        if accelerator.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(accelerator.device)
+        model.train()
+        try:
+            with accelerator.autocast():
+                loss = model(
+                    input_ids=m["input_ids"].to(accelerator.device),
+                    attention_mask=m["attention_mask"].to(accelerator.device),
+                    pixel_values=_to(m["pixel_values"], accelerator.device),
+                    labels=m["labels"].to(accelerator.device),
+                ).loss
+            loss.backward()
+            del loss
+        finally:
+            for p in params:
+                p.grad = None
+        return within_headroom(accelerator.device)
+
+    what = f"{len(samples[0].input_ids)} tokens each"
+    batch, checkpointing = fit_micro_batch(
+        candidates, fits, model.enable_gradient_checkpointing, cfg.gradient_checkpointing, log, what
+    )
+    if world > 1:  # the smallest micro-batch any process can take, checkpointing if any process needs it
+        answers = accelerator.gather(torch.tensor([[batch, int(checkpointing)]], device=accelerator.device))
+        batch, needs = int(answers[:, 0].min()), bool(answers[:, 1].max())
+        if needs and not checkpointing:
+            model.enable_gradient_checkpointing()
+        checkpointing = needs
+    return batch, checkpointing
+
+
+def _out_of_memory_advice(run_dir: Path, step: int, micro_batch: int, micro: dict[str, Any]) -> str:
+    newest = latest_checkpoint(run_dir)
+    where = f"the newest checkpoint is {newest}" if newest else "no checkpoint was written yet"
+    tokens = tuple(micro["input_ids"].shape)
+    return (
+        f"out of device memory at step {step} on a micro-batch of {tokens[0]} x {tokens[1]} tokens; {where}. "
+        f"Run the same command with --micro-batch-size {max(1, micro_batch // 2)} (or --gradient-checkpointing "
+        "true, or a lower --max-length): with --resume auto it continues from that checkpoint"
+    )
 
 
 def _check_projector_unsharded(core: VisionLanguageModel, shapes: list[tuple[int, ...]]) -> None:

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 import vlm
 from projector_training.config import TrainConfig, parse_args
 from projector_training.data import GlobalBatchSampler, load_records, record_to_messages, truncate
+from projector_training.memory import candidate_micro_batches, fit_micro_batch
 from projector_training.train import check_images, train
 from vlm.errors import ConfigError, VLMError
 from vlm.prompt import IGNORE_INDEX, EncodedChat
@@ -186,6 +187,87 @@ def test_compiled_lm_layers_train_the_same_projector(micro_world, reference_run,
     train(parse_args(_flags(micro_world, tmp_path / "compiled", **{"compile-lm-layers": "true"})))
     ours, reference = _projector(tmp_path / "compiled"), _projector(reference_run)
     assert max((ours[k] - reference[k]).abs().max().item() for k in reference) <= 1e-4
+
+
+# --------------------------------------------------------------------------------------------------
+# The micro-batch search (memory tries on the CPU: out-of-memory is simulated, the passes are real)
+
+
+def test_micro_batch_search_halves_first_and_checkpoints_last():
+    assert candidate_micro_batches(32, 256) == [32, 16, 8, 4, 2, 1]
+    assert candidate_micro_batches(12, 48) == [12, 8, 4, 2, 1]
+    assert candidate_micro_batches(6, 6) == [6, 2, 1]
+    state = {"checkpointing": False, "enabled": 0, "tried": []}
+
+    def enable():
+        state["checkpointing"], state["enabled"] = True, state["enabled"] + 1
+
+    def fits_below(limit, limit_checkpointed):
+        def fits(batch):
+            state["tried"].append((batch, state["checkpointing"]))
+            if batch > (limit_checkpointed if state["checkpointing"] else limit):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return True
+
+        return fits
+
+    assert fit_micro_batch([16, 8, 4, 2, 1], fits_below(4, 16), enable, False, print) == (4, False)
+    assert state["enabled"] == 0 and state["tried"] == [(16, False), (8, False), (4, False)]
+    state["tried"].clear()
+    assert fit_micro_batch([16, 8, 4, 2, 1], fits_below(0, 2), enable, False, print) == (2, True)
+    assert state["enabled"] == 1 and state["tried"][5:] == [(16, True), (8, True), (4, True), (2, True)]
+    with pytest.raises(ConfigError, match=r"fsdp\.yaml"):
+        fit_micro_batch([2, 1], lambda b: False, enable, True, print)
+
+    def broken(batch):
+        raise ValueError("not a memory problem")
+
+    with pytest.raises(ValueError, match="not a memory problem"):
+        fit_micro_batch([2, 1], broken, enable, False, print)
+
+
+def test_auto_micro_batch_trains_the_same_projector(micro_world, reference_run, tmp_path, request, monkeypatch):
+    """The real tries run (forward + backward of the longest samples); the card is simulated as fitting
+    only micro-batches of 2 with gradient checkpointing. The run must then train at micro-batch 2 with
+    checkpointing and land where micro-batch 4 without it did."""
+    import projector_training.train as train_module
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the reference subprocess (OMP_NUM_THREADS=1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    seen = {}
+    original_forward = vlm.VisionLanguageModel.forward
+
+    def forward(self, input_ids, *args, **kwargs):
+        seen["batch"] = input_ids.shape[0]
+        seen["checkpointing"] = self.lm.get_decoder().layers[0].training
+        return original_forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(vlm.VisionLanguageModel, "forward", forward)
+    monkeypatch.setattr(train_module, "_can_probe", lambda accelerator, fsdp: True)
+    monkeypatch.setattr(train_module, "within_headroom", lambda device: seen["checkpointing"] and seen["batch"] <= 2)
+    train(parse_args(_flags(micro_world, tmp_path / "auto", **{"save-every": 100})))
+    summary = json.loads((tmp_path / "auto" / "summary.json").read_text())
+    assert (summary["micro_batch_size"], summary["gradient_checkpointing"]) == (2, True)
+    assert (seen["batch"], seen["checkpointing"]) == (2, True)  # what the training steps ran with
+    ours, reference = _projector(tmp_path / "auto"), _projector(reference_run)
+    assert max((ours[k] - reference[k]).abs().max().item() for k in reference) <= 1e-4
+
+
+def test_out_of_memory_mid_run_says_how_to_continue(micro_world, tmp_path, monkeypatch):
+    calls = []
+    original_forward = vlm.VisionLanguageModel.forward
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:  # step 3's second micro-batch; step 2 was checkpointed
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return original_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(vlm.VisionLanguageModel, "forward", forward)
+    with pytest.raises(VLMError, match=r"out of device memory at step 2 .*step-00000002.*--micro-batch-size 2"):
+        train(parse_args(_flags(micro_world, tmp_path / "oom")))
+    assert (tmp_path / "oom" / "checkpoints" / "step-00000002" / "trainer_state.json").is_file()
 
 
 def test_nonfinite_losses_are_skipped_then_abort(micro_world, tmp_path):
