@@ -201,6 +201,7 @@ def bench_training(
                 entry["mfu"] = round(flops_per_sample(ours) * batch / seconds / peak, 3)
             results[side][str(batch)] = entry
     ours.compile_lm_layers(False)
+    results["auto_micro_batch"] = auto_micro_batch(ours, device, max(batches))
     for side, _ in sides:
         fits = {int(b): r for b, r in results[side].items() if isinstance(r, dict)}
         results[side]["best"] = {"batch": max(fits), **fits[max(fits)]} if fits else None
@@ -210,6 +211,34 @@ def bench_training(
             speedup = results[side]["best"]["samples_per_s"] / results["stock"]["best"]["samples_per_s"]
             results[key] = round(speedup, 3)
     return results
+
+
+def auto_micro_batch(ours: VisionLanguageModel, device: torch.device, largest: int) -> dict[str, Any]:
+    """What `vlm-train` would choose on this card for these samples: its own search (projector_training.memory),
+    halving from `largest` without gradient checkpointing, then with it."""
+    from projector_training.memory import candidate_micro_batches, fit_micro_batch, within_headroom
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def fits(batch: int) -> bool:
+        data = inputs(ours, batch, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        ours.train()
+        try:
+            with autocast:
+                loss = ours(data["input_ids"], None, data["pixel_values"], labels=data["labels"]).loss
+            loss.backward()
+        finally:
+            ours.projector.zero_grad(set_to_none=True)
+            ours.eval()
+        return within_headroom(device)
+
+    candidates = candidate_micro_batches(largest, largest)
+    log = lambda message: print(message, file=sys.stderr)  # noqa: E731 - stdout carries only the JSON
+    batch, checkpointing = fit_micro_batch(candidates, fits, ours.enable_gradient_checkpointing, False, log)
+    ours.enable_gradient_checkpointing(False)
+    return {"micro_batch": batch, "gradient_checkpointing": checkpointing}
 
 
 @torch.inference_mode()

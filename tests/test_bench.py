@@ -21,6 +21,7 @@ def test_tiny_benchmark_runs_and_reports_both_sides(tmp_path):
     assert (
         tiny["training"]["ours"]["best"]["samples_per_s"] > 0 and tiny["training"]["stock"]["best"]["samples_per_s"] > 0
     )
+    assert tiny["training"]["auto_micro_batch"] == {"micro_batch": 4, "gradient_checkpointing": False}
     assert tiny["ttft_ms"]["ours"] > 0 and tiny["ttft_ms"]["stock"] > 0
     assert tiny["decode_tokens_per_s"]["ours"] > 0 and tiny["decode_tokens_per_s"]["stock"] > 0
     assert tiny["batched_captioning"]["ours_speedup"] > 0 and tiny["decode_modes"] == {"ours": "static"}

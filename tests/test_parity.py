@@ -117,6 +117,8 @@ def test_gradient_checkpointing_recomputes_the_frozen_layers_and_gives_the_same_
     assert abs(loss - plain_loss) <= 1e-6
     assert all(torch.allclose(g, h, rtol=1e-5, atol=1e-7) for g, h in zip(grads, plain_grads, strict=True))
     assert not model.lm.get_decoder().layers[0].mlp.training  # dropout stays off in the frozen parts
+    model.enable_gradient_checkpointing(False)
+    assert step()[0] == 1
     model.eval()
     with torch.no_grad():
         mlp_calls.clear()

@@ -115,14 +115,18 @@ class VisionLanguageModel(nn.Module):
             else:
                 layer._compiled_call_impl = None  # what nn.Module.compile sets
 
-    def enable_gradient_checkpointing(self) -> None:
+    def enable_gradient_checkpointing(self, enable: bool = True) -> None:
         """Recompute the frozen LM's layer activations in backward instead of keeping them (less memory,
-        about a third more compute). Takes effect in training mode; see `train`."""
-        enable = getattr(self.lm, "activation_checkpointing_enable", None)  # the newer transformers name
-        if enable is not None:
-            enable({"use_reentrant": False})
-        else:
+        about a third more compute), or stop. Takes effect in training mode; see `train`."""
+        new_names = hasattr(self.lm, "activation_checkpointing_enable")  # transformers renamed these
+        if enable and new_names:
+            self.lm.activation_checkpointing_enable({"use_reentrant": False})
+        elif enable:
             self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif new_names:
+            self.lm.activation_checkpointing_disable()
+        else:
+            self.lm.gradient_checkpointing_disable()
         self.train(self.training)
 
     def train(self, mode: bool = True) -> VisionLanguageModel:
