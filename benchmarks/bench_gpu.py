@@ -8,8 +8,10 @@ around the *same* modules (no second copy of the weights), run with SDPA attenti
     python benchmarks/bench_gpu.py --tiny            # the same code on the CPU in seconds
 
 Measured per model: stage-1 training samples/s, model FLOP utilisation and peak memory at each
-power-of-two batch until out of memory; time to first token (image + question, 610-token prompt);
-single-stream decode tokens/s and the time to the first fast reply; batched captioning images/s.
+power-of-two batch until out of memory, and the micro-batch `vlm-train` would choose; time to first
+token (image + question, 610-token prompt); single-stream decode tokens/s and the time to the first fast
+reply; batched captioning images/s; with --profile, where the time of a first token and of decode steps
+goes (kernel time against wall time, heaviest kernels).
 """
 
 from __future__ import annotations
@@ -148,6 +150,33 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int
     return statistics.median(times)
 
 
+def profiled(fn: Callable[[], Any], device: torch.device, top: int = 8) -> dict[str, Any]:
+    """Where the time of one call goes: wall time, device kernel time (how busy the card was; the rest is
+    the host launching work or waiting) and the heaviest kernels (host ops on the CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()  # warm
+    with profile(activities=activities) as prof:
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        wall = time.perf_counter() - start
+    rows = prof.key_averages()
+    on_device = device.type == "cuda"
+    key = "self_device_time_total" if on_device else "self_cpu_time_total"
+    kernels = [r for r in rows if getattr(r, "self_device_time_total", 0) > 0]
+    heaviest = sorted(rows, key=lambda r: getattr(r, key), reverse=True)[:top]
+    result = {"wall_ms": round(wall * 1e3, 2)}
+    if on_device:
+        busy = sum(r.self_device_time_total for r in kernels) / 1e3
+        result |= {"kernel_ms": round(busy, 2), "busy": round(busy / (wall * 1e3), 3)}
+        result["kernel_launches"] = sum(r.count for r in kernels)
+    result["heaviest"] = [[r.key[:90], r.count, round(getattr(r, key) / 1e3, 3)] for r in heaviest]
+    return result
+
+
 def flops_per_sample(ours: VisionLanguageModel) -> float:
     """Model FLOPs of one training sample: LM forward + input-gradient backward, plus the tower forward.
     The same count for both sides, so utilisation ratios equal speed ratios."""
@@ -243,10 +272,19 @@ def auto_micro_batch(ours: VisionLanguageModel, device: torch.device, largest: i
 
 @torch.inference_mode()
 def bench_generation(
-    ours, stock, device, decode_tokens: int, caption_images: int, caption_tokens: int, repeats: int, modes: list[str]
+    ours,
+    stock,
+    device,
+    decode_tokens: int,
+    caption_images: int,
+    caption_tokens: int,
+    repeats: int,
+    modes: list[str],
+    profile: bool = False,
 ):
     """TTFT, then per decode mode of ours (the first is reported as `ours`, others as `ours_<mode>`):
-    the first fast reply, single-stream tokens/s and batched captioning, each against stock."""
+    the first fast reply, single-stream tokens/s and batched captioning, each against stock. With `profile`,
+    where the time of a first token and of 16 decode steps goes (see `profiled`)."""
     ours.projector.to(ours.dtype)  # inference runs the projector in the LM's dtype, for both sides
     one = inputs(ours, 1, device)
     prompt = {k: one[k] for k in ("input_ids", "attention_mask", "pixel_values")}
@@ -263,6 +301,10 @@ def bench_generation(
         "ours": round(timed(ours_first_token, device, repeats, warmup=2) * 1e3, 1),
         "stock": round(timed(stock_first_token, device, repeats, warmup=2) * 1e3, 1),
     }
+
+    def ours_16_tokens() -> None:
+        for _ in ours.generate_tokens(**prompt, options=GenerationOptions(max_new_tokens=17)):
+            pass
 
     def ours_decode() -> list[float]:
         stamps = []
@@ -332,6 +374,11 @@ def bench_generation(
         results["batched_captioning"][f"{key}_images_per_s"] = round(caption_images / ours_s, 2)
         results["batched_captioning"][f"{key}_speedup"] = round(stock_s / ours_s, 3)
         results.setdefault("decode_modes", {})[key] = mode
+        if profile:
+            results.setdefault("profile", {})[f"{key}_first_token"] = profiled(ours_first_token, device)
+            results["profile"][f"{key}_16_tokens"] = profiled(ours_16_tokens, device)
+    if profile:
+        results["profile"]["stock_first_token"] = profiled(stock_first_token, device)
     return results
 
 
@@ -352,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="ours' decode modes to measure, comma-separated (default: cuda_graph,compiled on GPU, static on CPU)",
     )
+    parser.add_argument("--profile", action="store_true", help="add where the time goes (torch.profiler) per mode")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -371,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.train_batches.split(",")] if not args.tiny else [2, 4]
     for size in sizes:
         torch.manual_seed(0)
+        started = time.perf_counter()
         ours, stock = build(size, device, dtype)
         entry: dict[str, Any] = {}
         if not args.skip_training:
@@ -386,8 +435,10 @@ def main(argv: list[str] | None = None) -> int:
                 caption_tokens=4 if args.tiny else args.caption_tokens,
                 repeats=2 if args.tiny else args.repeats,
                 modes=modes,
+                profile=args.profile,
             )
         )  # fmt: skip
+        entry["wall_s"] = round(time.perf_counter() - started, 1)
         report["models"][size] = entry
         print(json.dumps({size: entry}), file=sys.stderr, flush=True)
         del ours, stock

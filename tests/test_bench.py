@@ -12,7 +12,10 @@ def test_tiny_benchmark_runs_and_reports_both_sides(tmp_path):
     out = tmp_path / "bench.json"
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
     done = subprocess.run(
-        [sys.executable, str(script), "--tiny", "--out", str(out)], capture_output=True, text=True, timeout=600
+        [sys.executable, str(script), "--tiny", "--profile", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
@@ -25,3 +28,6 @@ def test_tiny_benchmark_runs_and_reports_both_sides(tmp_path):
     assert tiny["ttft_ms"]["ours"] > 0 and tiny["ttft_ms"]["stock"] > 0
     assert tiny["decode_tokens_per_s"]["ours"] > 0 and tiny["decode_tokens_per_s"]["stock"] > 0
     assert tiny["batched_captioning"]["ours_speedup"] > 0 and tiny["decode_modes"] == {"ours": "static"}
+    profile = tiny["profile"]
+    assert set(profile) == {"ours_first_token", "ours_16_tokens", "stock_first_token"}
+    assert all(p["wall_ms"] > 0 and len(p["heaviest"]) == 8 for p in profile.values())
