@@ -282,8 +282,8 @@ def bench_generation(
     modes: list[str],
     profile: bool = False,
 ):
-    """TTFT, then per decode mode of ours (the first is reported as `ours`, others as `ours_<mode>`):
-    the first fast reply, single-stream tokens/s and batched captioning, each against stock. With `profile`,
+    """Per decode mode of ours (the first is reported as `ours`, others as `ours_<mode>`): the first fast
+    reply, time to first token, single-stream tokens/s and batched captioning, each against stock. With `profile`,
     where the time of a first token and of 16 decode steps goes (see `profiled`)."""
     ours.projector.to(ours.dtype)  # inference runs the projector in the LM's dtype, for both sides
     one = inputs(ours, 1, device)
@@ -297,10 +297,7 @@ def bench_generation(
     def stock_first_token() -> None:
         stock.generate(**prompt, max_new_tokens=1, **stock_kwargs)
 
-    results["ttft_ms"] = {
-        "ours": round(timed(ours_first_token, device, repeats, warmup=2) * 1e3, 1),
-        "stock": round(timed(stock_first_token, device, repeats, warmup=2) * 1e3, 1),
-    }
+    results["ttft_ms"] = {"stock": round(timed(stock_first_token, device, repeats, warmup=2) * 1e3, 1)}
 
     def ours_16_tokens() -> None:
         for _ in ours.generate_tokens(**prompt, options=GenerationOptions(max_new_tokens=17)):
@@ -369,6 +366,7 @@ def bench_generation(
         start = time.perf_counter()
         ours_decode()  # the first call allocates the static cache, compiles (if asked) and captures the graph
         results["first_fast_reply_s"][key] = round(time.perf_counter() - start, 2)
+        results["ttft_ms"][key] = round(timed(ours_first_token, device, repeats, warmup=2) * 1e3, 1)
         results["decode_tokens_per_s"][key] = round(rate(ours_decode), 1)
         ours_s = timed(ours_captions, device, repeats=2, warmup=1)
         results["batched_captioning"][f"{key}_images_per_s"] = round(caption_images / ours_s, 2)

@@ -262,3 +262,48 @@ def test_compiled_decode_layers_give_the_same_tokens_and_compile_once(tiny_adapt
     assert model.caption_batch(rgb_images, batch_size=3, max_new_tokens=12) == plain
     # one graph per half of a decoder layer, shared by both layers and every step
     assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_graphed_tower_bookkeeping_replays_on_fresh_inputs_and_keeps_recent_shapes(tiny_model, rgb_images):
+    """The CUDA capture itself needs a GPU (bench_gpu runs it); here a stand-in graph recomputes the
+    function on the static buffers at replay, which is what a captured graph does."""
+    from vlm.fast_decode import GraphedForward
+
+    class ReplayGraph:
+        def __init__(self, fn, static_in, static_out):
+            self.fn, self.static_in, self.static_out = fn, static_in, static_out
+
+        def replay(self):
+            self.static_out.copy_(self.fn(self.static_in))
+
+    captured = []
+
+    class OnCPU(GraphedForward):
+        def _capture(self, x):
+            captured.append(tuple(x.shape))
+            static_in = x.clone()
+            static_out = self.fn(static_in)
+            return static_in, ReplayGraph(self.fn, static_in, static_out), static_out
+
+    pixels = tiny_model.pixel_values(rgb_images)  # (3, 3, S, S)
+    singles = [tiny_model.encode_images(pixels[i : i + 1]) for i in range(3)]
+    pair, plain = tiny_model.encode_images(pixels[:2]), tiny_model.encode_images(pixels)
+    tiny_model._graphed_vision = OnCPU(tiny_model.vision, max_shapes=2)
+    try:
+        for i in range(3):  # one image at a time: one capture, then replays on new pixels
+            assert torch.equal(tiny_model.encode_images(pixels[i : i + 1], graphed=True), singles[i])
+        assert torch.equal(tiny_model.encode_images(pixels[:2], graphed=True), pair)
+        assert torch.equal(tiny_model.encode_images(pixels, graphed=True), plain)  # a third shape evicts the first
+        assert tiny_model.encode_images(pixels[1:2], graphed=True).shape[0] == 1
+        assert captured == [(1, 3, 32, 32), (2, 3, 32, 32), (3, 3, 32, 32), (1, 3, 32, 32)]
+
+        class Uncapturable(GraphedForward):
+            def _capture(self, x):
+                raise RuntimeError("operation not permitted when stream is capturing")
+
+        tiny_model._graphed_vision = Uncapturable(tiny_model.vision)
+        with pytest.warns(UserWarning, match="without a CUDA graph"):
+            assert torch.equal(tiny_model.encode_images(pixels, graphed=True), plain)
+        assert torch.equal(tiny_model.encode_images(pixels, graphed=True), plain)  # eager from now on
+    finally:
+        tiny_model._graphed_vision = None

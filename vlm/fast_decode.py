@@ -15,17 +15,24 @@ them; the cache write and attention stay eager, so no compiled graph mutates the
 Prefill still goes through transformers (one big batched pass); its keys and values are then copied
 into the static cache. Rows are left-padded together, so every row writes the same cache slot at each
 step while keeping its own rotary position.
+
+`GraphedForward` does the same for the vision tower ahead of prefill: a CLIP ViT-L/14-336 pass is about a
+millisecond of GPU work but several of Python launching ~400 small kernels, all on the way to the first
+token. Its input shape is fixed per image count, so each count seen gets one captured graph.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["StaticDecoder", "supports_static_decode"]
+__all__ = ["GraphedForward", "StaticDecoder", "supports_static_decode"]
 
 
 def supports_static_decode(lm: nn.Module) -> bool:
@@ -143,3 +150,50 @@ class StaticDecoder:
             self._capture()
         self.graph.replay()
         return self.logits
+
+
+class GraphedForward:
+    """Inference of a frozen module through CUDA graphs, one per input shape (the `max_shapes` most recently
+    used are kept; each holds its activations' memory). The output is the graph's own buffer: read it
+    before the next call."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], max_shapes: int = 4):
+        self.fn = fn
+        self.max_shapes = max_shapes
+        self.graphs: OrderedDict[tuple, tuple[torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
+        self.failed = False
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.failed:
+            return self.fn(x)
+        key = (tuple(x.shape), x.dtype, x.device)
+        entry = self.graphs.get(key)
+        if entry is None:
+            while len(self.graphs) >= self.max_shapes:
+                self.graphs.popitem(last=False)
+            try:
+                entry = self.graphs[key] = self._capture(x)
+            except RuntimeError as error:  # something in `fn` cannot be captured: run it as it is from now on
+                name = type(self.fn).__name__
+                warnings.warn(f"running {name} without a CUDA graph: capture failed ({error})", stacklevel=2)
+                self.failed = True
+                return self.fn(x)
+        self.graphs.move_to_end(key)
+        static_in, graph, static_out = entry
+        static_in.copy_(x)
+        graph.replay()
+        return static_out
+
+    def _capture(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor]:
+        static_in = x.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up kernels and allocator outside the graph
+                self.fn(static_in)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self.fn(static_in)
+        return static_in, graph, static_out

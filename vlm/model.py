@@ -21,7 +21,7 @@ from torch import nn
 
 from vlm.config import CONFIG_NAME, PRESETS, PROJECTOR_NAME, AdapterConfig
 from vlm.errors import ConfigError, InsufficientMemoryError, PromptError, VLMError
-from vlm.fast_decode import StaticDecoder, supports_static_decode
+from vlm.fast_decode import GraphedForward, StaticDecoder, supports_static_decode
 from vlm.generation import GenerationOptions, TextAssembler, TokenSelector
 from vlm.images import load_image
 from vlm.projector import build_projector
@@ -103,6 +103,7 @@ class VisionLanguageModel(nn.Module):
         (static cache without graph capture), `compiled` (as `cuda_graph` on GPU, with each decoder layer's
         elementwise work fused by torch.compile; experimental) or `dynamic` (transformers' DynamicCache)."""
         self._decoder: StaticDecoder | None = None
+        self._graphed_vision: GraphedForward | None = None
 
     def compile_lm_layers(self, enable: bool = True) -> None:
         """Run each LM decoder layer through `torch.compile` (training and prefill), or undo it.
@@ -185,10 +186,17 @@ class VisionLanguageModel(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # The model
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, N, H) image embeddings in LM space."""
-        with torch.no_grad():
-            features = self.vision(pixel_values.to(self.device, self.vision_dtype))  # (B, N, Dv)
+    def encode_images(self, pixel_values: torch.Tensor, graphed: bool = False) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, N, H) image embeddings in LM space. `graphed` (inference on a GPU): the tower
+        runs as a CUDA-graph replay (see fast_decode.GraphedForward)."""
+        pixel_values = pixel_values.to(self.device, self.vision_dtype)
+        if graphed:
+            if self._graphed_vision is None:
+                self._graphed_vision = GraphedForward(self.vision)
+            features = self._graphed_vision(pixel_values)
+        else:
+            with torch.no_grad():
+                features = self.vision(pixel_values)  # (B, N, Dv)
         projector_dtype = next(self.projector.parameters()).dtype
         return self.projector(features.to(projector_dtype))
 
@@ -196,7 +204,7 @@ class VisionLanguageModel(nn.Module):
     def vision_dtype(self) -> torch.dtype:
         return next(self.vision.parameters()).dtype
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, graphed: bool = False) -> torch.Tensor:
         """(B, T) ids + (I, 3, S, S) pixels -> (B, T, H) embeddings with every image slot filled in order."""
         embeds = self.lm.get_input_embeddings()(input_ids)  # (B, T, H)
         slots = input_ids == self.config.image_token_id  # (B, T)
@@ -209,7 +217,7 @@ class VisionLanguageModel(nn.Module):
             )
         if num_images == 0:
             return embeds
-        features = self.encode_images(pixel_values).to(embeds.dtype)  # (I, N, H)
+        features = self.encode_images(pixel_values, graphed).to(embeds.dtype)  # (I, N, H)
         return embeds.masked_scatter(slots.unsqueeze(-1), features)
 
     def forward(
@@ -293,7 +301,7 @@ class VisionLanguageModel(nn.Module):
         select = TokenSelector(options, self.tokenizer, self.suppress_ids, self.device)
         stop_ids = torch.tensor(self.stop_ids, device=self.device)
         static = self._static_decoder(input_ids.shape[0], input_ids.shape[1] + options.max_new_tokens)
-        embeds = self.embed(input_ids, pixel_values)  # (B, T, H)
+        embeds = self.embed(input_ids, pixel_values, graphed=static is not None and static.use_cuda_graph)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens from 0
         cache = DynamicCache(config=self.lm.config)
         out = self.lm(
