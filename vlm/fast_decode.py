@@ -17,7 +17,7 @@ into the static cache. Rows are left-padded together, so every row writes the sa
 step while keeping its own rotary position.
 
 `GraphedForward` does the same for the vision tower ahead of prefill: a CLIP ViT-L/14-336 pass is about a
-millisecond of GPU work but several of Python launching ~400 small kernels, all on the way to the first
+millisecond of GPU work but takes longer to launch from Python (~360 kernels), all on the way to the first
 token. Its input shape is fixed per image count, so each count seen gets one captured graph.
 """
 
