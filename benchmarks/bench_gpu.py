@@ -439,15 +439,14 @@ def main(argv: list[str] | None = None) -> int:
         entry["wall_s"] = round(time.perf_counter() - started, 1)
         report["models"][size] = entry
         print(json.dumps({size: entry}), file=sys.stderr, flush=True)
+        if args.out:  # after each model, so a run cut short keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
         del ours, stock
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    print(json.dumps(report, indent=2))
     return 0
 
 
