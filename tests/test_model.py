@@ -249,6 +249,36 @@ def test_static_cache_decoding_gives_the_same_tokens_as_the_plain_path(tiny_adap
     assert model._decoder is not None and model._decoder.max_len % 256 == 0
 
 
+def test_static_prefill_matches_transformers_logits_and_cache_on_a_left_padded_batch(tiny_model, rgb_images):
+    from transformers import DynamicCache
+
+    from vlm.fast_decode import StaticDecoder
+
+    questions = ["What is it?", "What colour is the shape in this picture, and how big is it?"]
+    chats = [tiny_model.encode_messages([{"role": "user", "content": [{"type": "image", "image": im}, q]}])
+             for im, q in zip(rgb_images, questions, strict=False)]  # fmt: skip
+    batch = tiny_model._batch(chats, max_new_tokens=4)
+    mask = batch["attention_mask"]
+    assert not bool(mask.all())  # real left padding
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        embeds = tiny_model.embed(batch["input_ids"], batch["pixel_values"])
+        static = StaticDecoder(tiny_model.lm, 2, 256, use_cuda_graph=False)
+        ours = static.prefill(embeds, mask, positions)
+        cache = DynamicCache(config=tiny_model.lm.config)
+        theirs = tiny_model.lm(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+            **{tiny_model._cache_kwarg: cache},
+        ).logits[:, -1]  # fmt: skip
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    real = mask.bool()[:, None, :, None]  # (B, 1, T, 1): pad slots hold values nobody reads
+    length = mask.shape[1]
+    for i, layer in enumerate(cache.layers):
+        assert torch.allclose(static.keys[i, :, :, :length] * real, layer.keys * real, atol=1e-5)
+        assert torch.allclose(static.values[i, :, :, :length] * real, layer.values * real, atol=1e-5)
+    assert torch.equal(static.valid[:, :length], mask.bool()) and not static.valid[:, length:].any()
+
+
 def test_compiled_decode_layers_give_the_same_tokens_and_compile_once(tiny_adapter, rgb_images):
     from torch._dynamo.utils import counters
 
@@ -260,8 +290,12 @@ def test_compiled_decode_layers_give_the_same_tokens_and_compile_once(tiny_adapt
     model.decode_mode = "compiled"
     model._decoder = None
     assert model.caption_batch(rgb_images, batch_size=3, max_new_tokens=12) == plain
-    # one graph per half of a decoder layer, shared by both layers and every step
-    assert counters["stats"]["unique_graphs"] == 2
+    # one graph per half of a decoder layer for decode steps and one per half for prompts (dynamic length),
+    # shared by both layers, every step and every prompt length
+    assert counters["stats"]["unique_graphs"] == 4
+    longer = "Describe the picture in a few words, please."
+    model.caption_batch(rgb_images, prompt=longer, batch_size=3, max_new_tokens=12)
+    assert counters["stats"]["unique_graphs"] == 4
 
 
 def test_graphed_tower_bookkeeping_replays_on_fresh_inputs_and_keeps_recent_shapes(tiny_model, rgb_images):

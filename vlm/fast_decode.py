@@ -12,9 +12,9 @@ projections, rotary; output projection, residuals, norm, MLP) go through `torch.
 their small elementwise kernels. Every layer has the same shapes, so one compiled function serves all of
 them; the cache write and attention stay eager, so no compiled graph mutates the cache.
 
-Prefill still goes through transformers (one big batched pass); its keys and values are then copied
-into the static cache. Rows are left-padded together, so every row writes the same cache slot at each
-step while keeping its own rotary position.
+Prefill runs the same halves over the whole prompt (compiled with a dynamic length) and writes keys and
+values straight into the static cache, with no transformers cache in between. Rows are left-padded
+together, so every row writes the same cache slot at each step while keeping its own rotary position.
 
 `GraphedForward` does the same for the vision tower ahead of prefill: a CLIP ViT-L/14-336 pass is about a
 millisecond of GPU work but takes longer to launch from Python (~360 kernels), all on the way to the first
@@ -43,23 +43,32 @@ def supports_static_decode(lm: nn.Module) -> bool:
 def _attention_inputs(
     layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """First half of a decoder layer for one new token per row: (B, 1, H) -> q, k (after rotary), v."""
+    """First half of a decoder layer: (B, T, H) -> q (B, Hq, T, D), k (after rotary) and v (B, Hk, T, D)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    attn, batch = layer.self_attn, hidden.shape[0]
+    attn, (batch, length) = layer.self_attn, hidden.shape[:2]
     x = layer.input_layernorm(hidden)
-    q = attn.q_proj(x).view(batch, 1, heads, -1).transpose(1, 2)  # (B, Hq, 1, D)
-    k = attn.k_proj(x).view(batch, 1, kv_heads, -1).transpose(1, 2)  # (B, Hk, 1, D)
-    v = attn.v_proj(x).view(batch, 1, kv_heads, -1).transpose(1, 2)
+    q = attn.q_proj(x).view(batch, length, heads, -1).transpose(1, 2)
+    k = attn.k_proj(x).view(batch, length, kv_heads, -1).transpose(1, 2)
+    v = attn.v_proj(x).view(batch, length, kv_heads, -1).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     return q, k, v
 
 
 def _attention_output_and_mlp(layer: nn.Module, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-    """Second half: attention output (B, Hq, 1, D) -> residual, norm, MLP, residual -> (B, 1, H)."""
-    batch = hidden.shape[0]
-    hidden = hidden + layer.self_attn.o_proj(attended.transpose(1, 2).reshape(batch, 1, -1))
+    """Second half: attention output (B, Hq, T, D) -> residual, norm, MLP, residual -> (B, T, H)."""
+    batch, length = hidden.shape[:2]
+    hidden = hidden + layer.self_attn.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def _prompt_attention_inputs(*args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first half for prompts (its own code object, so its compiled graph has its own cache)."""
+    return _attention_inputs(*args)
+
+
+def _prompt_attention_output_and_mlp(*args: Any) -> torch.Tensor:
+    return _attention_output_and_mlp(*args)
 
 
 class StaticDecoder:
@@ -70,9 +79,12 @@ class StaticDecoder:
     ):
         self.lm = lm
         self.decoder = lm.get_decoder()
-        compile_half = torch.compile(fullgraph=True, dynamic=False) if compile_layers else (lambda f: f)
-        self._first_half = compile_half(_attention_inputs)
-        self._second_half = compile_half(_attention_output_and_mlp)
+        compile_step = torch.compile(fullgraph=True, dynamic=False) if compile_layers else (lambda f: f)
+        compile_prompt = torch.compile(fullgraph=True, dynamic=True) if compile_layers else (lambda f: f)
+        self._first_half = compile_step(_attention_inputs)
+        self._second_half = compile_step(_attention_output_and_mlp)
+        self._prompt_first_half = compile_prompt(_prompt_attention_inputs)  # any prompt length: one graph
+        self._prompt_second_half = compile_prompt(_prompt_attention_output_and_mlp)
         config = lm.config
         self.batch_size, self.max_len = batch_size, max_len
         self.heads = config.num_attention_heads
@@ -92,16 +104,33 @@ class StaticDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.use_cuda_graph = use_cuda_graph and device.type == "cuda"
 
-    def load_prefill(self, cache: Any, attention_mask: torch.Tensor) -> None:
-        """Copy a prefilled transformers cache (keys after rotary) into the static slots [0, T)."""
+    @torch.inference_mode()
+    def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Run left-padded prompts (B, T, H) through the LM, writing keys (after rotary) and values straight
+        into the static slots [0, T) -> the last position's logits (B, V)."""
         length = attention_mask.shape[1]
         if length >= self.max_len:
             raise ValueError(f"prompt of {length} tokens does not fit a static cache of {self.max_len}")
-        for i, layer in enumerate(cache.layers):
-            self.keys[i, :, :, :length].copy_(layer.keys)
-            self.values[i, :, :, :length].copy_(layer.values)
+        valid = attention_mask.bool()
         self.valid.zero_()
-        self.valid[:, :length] = attention_mask.bool()
+        self.valid[:, :length] = valid
+        mask = None  # no padding: plain causal attention (flash kernels)
+        if not bool(valid.all()):
+            causal = torch.ones((length, length), dtype=torch.bool, device=valid.device).tril()
+            mask = causal[None, None] & valid[:, None, None, :]  # (B, 1, T, T)
+            mask |= ~valid[:, None, :, None]  # pad queries see everything: finite values nobody reads
+        hidden = embeds
+        cos, sin = self.decoder.rotary_emb(hidden, position_ids)
+        gqa = self.heads != self.kv_heads
+        for i, layer in enumerate(self.decoder.layers):
+            q, k, v = self._prompt_first_half(layer, hidden, cos, sin, self.heads, self.kv_heads)
+            self.keys[i, :, :, :length].copy_(k)
+            self.values[i, :, :, :length].copy_(v)
+            attended = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, scale=layer.self_attn.scaling, enable_gqa=gqa
+            )
+            hidden = self._prompt_second_half(layer, hidden, attended)
+        return self.lm.get_output_embeddings()(self.decoder.norm(hidden[:, -1:]))[:, -1]  # (B, V)
 
     @torch.inference_mode()
     def _step(self) -> torch.Tensor:

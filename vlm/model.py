@@ -303,19 +303,18 @@ class VisionLanguageModel(nn.Module):
         static = self._static_decoder(input_ids.shape[0], input_ids.shape[1] + options.max_new_tokens)
         embeds = self.embed(input_ids, pixel_values, graphed=static is not None and static.use_cuda_graph)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens from 0
-        cache = DynamicCache(config=self.lm.config)
-        out = self.lm(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_kwarg: cache},
-        )
-        logits = out.logits[:, -1]  # (B, V)
         if static is not None:
-            static.load_prefill(cache, attention_mask)
-            del cache
+            logits = static.prefill(embeds, attention_mask, position_ids)  # (B, V)
+        else:
+            cache = DynamicCache(config=self.lm.config)
+            logits = self.lm(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_kwarg: cache},
+            ).logits[:, -1]  # (B, V)
         sequence = input_ids
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)
         for step in range(options.max_new_tokens):
