@@ -308,15 +308,7 @@ def train(cfg: TrainConfig) -> Path:
                     if m["num_samples"] == 0:  # every sample was unusable: keep the processes in step
                         loss = sum(p.sum() for p in params) * 0.0
                     else:
-                        with accelerator.autocast():
-                            out = model(
-                                input_ids=m["input_ids"].to(accelerator.device),
-                                attention_mask=m["attention_mask"].to(accelerator.device),
-                                pixel_values=_to(m["pixel_values"], accelerator.device),
-                                labels=m["labels"].to(accelerator.device),
-                                num_items=max(num_items, 1),
-                            )
-                        loss = out.loss
+                        loss = _loss(model, m, accelerator, num_items=max(num_items, 1))
                     # DDP averages gradients over processes; scale so the result is sum / global label tokens.
                     accelerator.backward(loss * world)
                     step_loss += loss.detach()
@@ -413,15 +405,7 @@ def _choose_micro_batch(
             torch.cuda.reset_peak_memory_stats(accelerator.device)
         model.train()
         try:
-            with accelerator.autocast():
-                loss = model(
-                    input_ids=m["input_ids"].to(accelerator.device),
-                    attention_mask=m["attention_mask"].to(accelerator.device),
-                    pixel_values=_to(m["pixel_values"], accelerator.device),
-                    labels=m["labels"].to(accelerator.device),
-                ).loss
-            loss.backward()
-            del loss
+            _loss(model, m, accelerator).backward()
         finally:
             for p in params:
                 p.grad = None
@@ -480,8 +464,18 @@ def _all_reduce_mean(grads: list[torch.Tensor], world: int) -> None:
         offset += g.numel()
 
 
-def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return None if tensor is None else tensor.to(device)
+def _loss(model: Any, micro: dict[str, Any], accelerator: Any, num_items: int | None = None) -> torch.Tensor:
+    """The loss of one collated micro-batch, moved to the device, under the run's autocast."""
+    device = accelerator.device
+    pixels = micro["pixel_values"]
+    with accelerator.autocast():
+        return model(
+            input_ids=micro["input_ids"].to(device),
+            attention_mask=micro["attention_mask"].to(device),
+            pixel_values=None if pixels is None else pixels.to(device),
+            labels=micro["labels"].to(device),
+            num_items=num_items,
+        ).loss
 
 
 def _resume_path(cfg: TrainConfig, run_dir: Path) -> Path | None:
