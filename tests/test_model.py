@@ -279,6 +279,30 @@ def test_static_prefill_matches_transformers_logits_and_cache_on_a_left_padded_b
     assert torch.equal(static.valid[:, :length], mask.bool()) and not static.valid[:, length:].any()
 
 
+def test_a_decode_step_that_cannot_be_captured_falls_back_with_the_same_tokens(tiny_adapter, rgb_images, monkeypatch):
+    from vlm.fast_decode import StaticDecoder
+
+    model = vlm.load(tiny_adapter, device="cpu")
+    model.decode_mode = "static"
+    plain = model.caption(rgb_images[0], max_new_tokens=12)
+
+    def uncapturable(self):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    original_init = StaticDecoder.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.use_cuda_graph = True  # as on a GPU
+
+    monkeypatch.setattr(StaticDecoder, "__init__", init)
+    monkeypatch.setattr(StaticDecoder, "_capture", uncapturable)
+    model._decoder = None
+    with pytest.warns(UserWarning, match="decoding without a CUDA graph"):
+        assert model.caption(rgb_images[0], max_new_tokens=12) == plain
+    assert model._decoder.use_cuda_graph is False
+
+
 def test_compiled_decode_layers_give_the_same_tokens_and_compile_once(tiny_adapter, rgb_images):
     from torch._dynamo.utils import counters
 
