@@ -175,6 +175,22 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _field_docs() -> dict[str, str]:
+    """Each field's docstring (the string literal under it in the class body), for `--help`."""
+    import ast
+    import inspect
+    import itertools
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(TrainConfig))).body[0].body
+    docs = {}
+    for field, doc in itertools.pairwise(body):
+        text = getattr(doc, "value", None)
+        if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(text, ast.Constant):
+            docs[field.target.id] = " ".join(str(text.value).split())
+    return docs
+
+
 def build_parser() -> argparse.ArgumentParser:
     from projector_training.recipes import RECIPES
 
@@ -184,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--recipe", choices=sorted(RECIPES), required=True)
     parser.add_argument("--config", type=Path, default=None, help="YAML file of field overrides")
+    docs = _field_docs()
     for field in dataclasses.fields(TrainConfig):
         if field.name == "recipe":
             continue
@@ -194,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
             type=_parse_bool if kind is bool else kind,
             default=None,
             metavar=kind.__name__.upper(),
+            help=docs.get(field.name, "").replace("%", "%%") or None,
         )
     return parser
 

@@ -377,3 +377,12 @@ def test_bad_settings_are_clear_errors(tmp_path):
     (tmp_path / "ok.yaml").write_text("lr: 0.5\nepochs: 3\n")
     cfg = parse_args(["--recipe", "toy", "--config", str(tmp_path / "ok.yaml"), "--epochs", "4"])
     assert (cfg.lr, cfg.epochs) == (0.5, 4)
+
+
+def test_help_describes_each_setting_from_its_docstring(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--auto-micro-batch BOOL On a GPU, before training: halve micro_batch_size" in text
+    assert "--gradient-checkpointing BOOL Recompute the frozen LM's activations in backward" in text
+    assert "--max-bad-fraction FLOAT Stop with an error when more than this share of samples is unusable." in text
