@@ -390,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--caption-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--skip-generation", action="store_true")
     parser.add_argument("--compile-training", action="store_true", help="also on the CPU (default: GPU only)")
     parser.add_argument("--no-compile-training", action="store_true", help="skip the compiled training side")
     parser.add_argument(
@@ -426,7 +427,9 @@ def main(argv: list[str] | None = None) -> int:
             entry["training"] = bench_training(ours, stock, device, batches, repeats, peak, compiled)
             print(json.dumps({size: entry}), file=sys.stderr, flush=True)
         entry.update(
-            bench_generation(
+            {}
+            if args.skip_generation
+            else bench_generation(
                 ours, stock, device,
                 decode_tokens=8 if args.tiny else args.decode_tokens,
                 caption_images=4 if args.tiny else args.caption_images,

@@ -26,9 +26,11 @@ the allocator, so a try that only just fits is counted as not fitting."""
 
 def is_out_of_memory(error: BaseException) -> bool:
     """Out of device or host memory (accelerate's classifier, which knows each backend's message)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
     from accelerate.utils.memory import should_reduce_batch_size
 
-    return isinstance(error, torch.OutOfMemoryError) or should_reduce_batch_size(error)
+    return should_reduce_batch_size(error)
 
 
 def candidate_micro_batches(largest: int, per_process: int) -> list[int]:
