@@ -95,8 +95,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute the frozen LM's activations in backward: less memory, about 30% slower."""
     compile_lm_layers: bool = False
-    """Run each frozen LM decoder layer through torch.compile (fuses norms, rotary, SwiGLU and residuals).
-    Experimental: gives the same loss as without (tested on CPU), speed not yet measured on a GPU."""
+    """Run each frozen LM decoder layer through torch.compile (fuses norms, rotary, SwiGLU and residuals):
+    the same loss (tested on CPU); on an H100, 1.38x (14B) and 1.43x (7B) the samples/s of the plain layers,
+    with less memory (bench_gpu.py).
+    On in the LLaVA recipes; not applied under FSDP (an untested combination)."""
     device: str = "auto"
     """`auto` or `cpu` (accelerate picks the GPU for each process)."""
     seed: int = 42

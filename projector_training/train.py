@@ -233,7 +233,9 @@ def train(cfg: TrainConfig) -> Path:
     params = freeze(model, log)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    if cfg.compile_lm_layers:
+    if cfg.compile_lm_layers and fsdp:
+        log("compile_lm_layers is not applied under FSDP (an untested combination)")
+    elif cfg.compile_lm_layers:
         model.compile_lm_layers()
 
     # 2. The data.

@@ -101,7 +101,8 @@ class VisionLanguageModel(nn.Module):
         self.decode_mode = "auto"
         """`auto` (static cache + CUDA graph on GPU for Llama LMs, else plain), `cuda_graph`, `static`
         (static cache without graph capture), `compiled` (as `cuda_graph` on GPU, with each decoder layer's
-        elementwise work fused by torch.compile; experimental) or `dynamic` (transformers' DynamicCache)."""
+        elementwise work fused by torch.compile: faster decoding and batched captioning, but a first reply
+        that waits for compilation) or `dynamic` (transformers' DynamicCache)."""
         self._decoder: StaticDecoder | None = None
         self._graphed_vision: GraphedForward | None = None
 
