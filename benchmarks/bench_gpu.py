@@ -4,7 +4,7 @@ Random weights in the exact CausalLM 14B / 7B shapes with a CLIP ViT-L/14-336 to
 speed does not depend on the values. Stock transformers is `LlavaForConditionalGeneration` built
 around the *same* modules (no second copy of the weights), run with SDPA attention in bf16.
 
-    python benchmarks/bench_gpu.py --models 14b,7b --out benchmarks/results/h200.json
+    python benchmarks/bench_gpu.py --models 14b,7b --profile --out benchmarks/results/h200/run.json
     python benchmarks/bench_gpu.py --tiny            # the same code on the CPU in seconds
 
 Measured per model: stage-1 training samples/s, model FLOP utilisation and peak memory at each
