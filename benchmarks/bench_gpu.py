@@ -245,23 +245,18 @@ def bench_training(
 def auto_micro_batch(ours: VisionLanguageModel, device: torch.device, largest: int) -> dict[str, Any]:
     """What `vlm-train` would choose on this card for these samples: its own search (projector_training.memory),
     halving from `largest` without gradient checkpointing, then with it."""
-    from projector_training.memory import candidate_micro_batches, fit_micro_batch, within_headroom
+    from projector_training.memory import candidate_micro_batches, fit_micro_batch, try_training_pass
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def fits(batch: int) -> bool:
         data = inputs(ours, batch, device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        ours.train()
-        try:
+
+        def loss() -> torch.Tensor:
             with autocast:
-                loss = ours(data["input_ids"], None, data["pixel_values"], labels=data["labels"]).loss
-            loss.backward()
-        finally:
-            ours.projector.zero_grad(set_to_none=True)
-            ours.eval()
-        return within_headroom(device)
+                return ours(data["input_ids"], None, data["pixel_values"], labels=data["labels"]).loss
+
+        return try_training_pass(ours, loss, device)
 
     candidates = candidate_micro_batches(largest, largest)
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731 - stdout carries only the JSON
@@ -361,7 +356,7 @@ def bench_generation(
     }
     for i, mode in enumerate(modes):
         key = "ours" if i == 0 else f"ours_{mode}"
-        ours.decode_mode, ours._decoder = mode, None
+        ours.decode_mode = mode
         sync(device)
         start = time.perf_counter()
         ours_decode()  # the first call allocates the static cache, compiles (if asked) and captures the graph

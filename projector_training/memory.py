@@ -17,7 +17,14 @@ import torch
 
 from vlm.errors import ConfigError
 
-__all__ = ["HEADROOM", "candidate_micro_batches", "fit_micro_batch", "is_out_of_memory", "within_headroom"]
+__all__ = [
+    "HEADROOM",
+    "candidate_micro_batches",
+    "fit_micro_batch",
+    "is_out_of_memory",
+    "try_training_pass",
+    "within_headroom",
+]
 
 HEADROOM = 0.05
 """Share of the card's memory a try must leave unreserved: later batches of other lengths fragment
@@ -78,6 +85,21 @@ def fit_micro_batch(
         "shard the frozen LM with FSDP (accelerate launch --config_file configs/accelerate/fsdp.yaml), "
         "lower --max-length, or use a card with more memory"
     )
+
+
+def try_training_pass(model: Any, loss: Callable[[], torch.Tensor], device: torch.device) -> bool:
+    """One forward and backward pass of `loss()` with `model` in training mode (its projector's gradients
+    cleared and its mode restored after) -> whether it stayed within HEADROOM. Out-of-memory propagates."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    was_training = model.training
+    model.train()
+    try:
+        loss().backward()
+    finally:
+        model.projector.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return within_headroom(device)
 
 
 def within_headroom(device: torch.device) -> bool:

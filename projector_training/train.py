@@ -37,7 +37,7 @@ from projector_training.data import (
     load_records,
     record_images,
 )
-from projector_training.memory import candidate_micro_batches, fit_micro_batch, is_out_of_memory, within_headroom
+from projector_training.memory import candidate_micro_batches, fit_micro_batch, is_out_of_memory, try_training_pass
 from vlm.config import PROJECTOR_NAME, AdapterConfig
 from vlm.errors import ConfigError, VLMError
 from vlm.model import VisionLanguageModel, build_model
@@ -399,19 +399,10 @@ def _choose_micro_batch(
     if not samples:
         return cfg.micro_batch_size, cfg.gradient_checkpointing
     collate = Collator(model.pad_id)
-    params = list(model.projector.parameters())
 
     def fits(batch: int) -> bool:
         m = collate([samples[i % len(samples)] for i in range(batch)])
-        if accelerator.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(accelerator.device)
-        model.train()
-        try:
-            _loss(model, m, accelerator).backward()
-        finally:
-            for p in params:
-                p.grad = None
-        return within_headroom(accelerator.device)
+        return try_training_pass(model, lambda: _loss(model, m, accelerator), accelerator.device)
 
     what = f"{len(samples[0].input_ids)} tokens each"
     batch, checkpointing = fit_micro_batch(

@@ -311,8 +311,7 @@ def test_compiled_decode_layers_give_the_same_tokens_and_compile_once(tiny_adapt
     plain = model.caption_batch(rgb_images, batch_size=3, max_new_tokens=12)
     torch._dynamo.reset()
     counters.clear()
-    model.decode_mode = "compiled"
-    model._decoder = None
+    model.decode_mode = "compiled"  # a new mode: a new decoder
     assert model.caption_batch(rgb_images, batch_size=3, max_new_tokens=12) == plain
     # one graph per half of a decoder layer for decode steps and one per half for prompts (dynamic length),
     # shared by both layers, every step and every prompt length

@@ -231,6 +231,7 @@ def test_auto_micro_batch_trains_the_same_projector(micro_world, reference_run, 
     """The real tries run (forward + backward of the longest samples); the card is simulated as fitting
     only micro-batches of 2 with gradient checkpointing. The run must then train at micro-batch 2 with
     checkpointing and land where micro-batch 4 without it did."""
+    import projector_training.memory as memory
     import projector_training.train as train_module
 
     threads = torch.get_num_threads()
@@ -246,7 +247,7 @@ def test_auto_micro_batch_trains_the_same_projector(micro_world, reference_run, 
 
     monkeypatch.setattr(vlm.VisionLanguageModel, "forward", forward)
     monkeypatch.setattr(train_module, "_can_probe", lambda accelerator, fsdp: True)
-    monkeypatch.setattr(train_module, "within_headroom", lambda device: seen["checkpointing"] and seen["batch"] <= 2)
+    monkeypatch.setattr(memory, "within_headroom", lambda device: seen["checkpointing"] and seen["batch"] <= 2)
     train(parse_args(_flags(micro_world, tmp_path / "auto", **{"save-every": 100})))
     summary = json.loads((tmp_path / "auto" / "summary.json").read_text())
     assert (summary["micro_batch_size"], summary["gradient_checkpointing"]) == (2, True)

@@ -71,6 +71,21 @@ def _prompt_attention_output_and_mlp(*args: Any) -> torch.Tensor:
     return _attention_output_and_mlp(*args)
 
 
+def _capture_graph(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Record `fn` as a CUDA graph after two warm-up calls on a side stream (kernels picked, allocator
+    settled outside the graph) -> (graph, what the recorded call returned: buffers each replay refills)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 class StaticDecoder:
     """One-token decode steps for `batch_size` rows over a cache of `max_len` slots."""
 
@@ -90,6 +105,7 @@ class StaticDecoder:
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.gqa = self.heads != self.kv_heads
         weight = lm.get_input_embeddings().weight
         device, dtype = weight.device, weight.dtype
         shape = (config.num_hidden_layers, batch_size, self.kv_heads, max_len, self.head_dim)
@@ -121,13 +137,12 @@ class StaticDecoder:
             mask |= ~valid[:, None, :, None]  # pad queries see everything: finite values nobody reads
         hidden = embeds
         cos, sin = self.decoder.rotary_emb(hidden, position_ids)
-        gqa = self.heads != self.kv_heads
         for i, layer in enumerate(self.decoder.layers):
             q, k, v = self._prompt_first_half(layer, hidden, cos, sin, self.heads, self.kv_heads)
             self.keys[i, :, :, :length].copy_(k)
             self.values[i, :, :, :length].copy_(v)
             attended = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, scale=layer.self_attn.scaling, enable_gqa=gqa
+                q, k, v, attn_mask=mask, is_causal=mask is None, scale=layer.self_attn.scaling, enable_gqa=self.gqa
             )
             hidden = self._prompt_second_half(layer, hidden, attended)
         return self.lm.get_output_embeddings()(self.decoder.norm(hidden[:, -1:]))[:, -1]  # (B, V)
@@ -139,13 +154,12 @@ class StaticDecoder:
         cos, sin = self.decoder.rotary_emb(hidden, self.positions)
         self.valid.index_fill_(1, self.slot, True)
         mask = self.valid[:, None, None, :]  # (B, 1, 1, L)
-        gqa = self.heads != self.kv_heads
         for i, layer in enumerate(self.decoder.layers):
             q, k, v = self._first_half(layer, hidden, cos, sin, self.heads, self.kv_heads)
             self.keys[i].index_copy_(2, self.slot, k)
             self.values[i].index_copy_(2, self.slot, v)
             attended = F.scaled_dot_product_attention(
-                q, self.keys[i], self.values[i], attn_mask=mask, scale=layer.self_attn.scaling, enable_gqa=gqa
+                q, self.keys[i], self.values[i], attn_mask=mask, scale=layer.self_attn.scaling, enable_gqa=self.gqa
             )  # (B, Hq, 1, D)
             hidden = self._second_half(layer, hidden, attended)
         hidden = self.decoder.norm(hidden)
@@ -155,16 +169,7 @@ class StaticDecoder:
         """Record the step as a CUDA graph. The warm-up steps write only this step's own cache slot, with the
         values the replay then writes again, so there is nothing to restore (a copy of the cache would
         double its memory: 20 GB at 14B for 32 rows)."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm up kernels and allocator outside the graph
-                self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.logits = self._step()
-        self.graph = graph
+        self.graph, self.logits = _capture_graph(self._step)
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor, slot: int) -> torch.Tensor:
         """Decode one token per row: ids (B,), positions (B,), the common cache slot -> logits (B, V)."""
@@ -221,13 +226,5 @@ class GraphedForward:
 
     def _capture(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor]:
         static_in = x.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm up kernels and allocator outside the graph
-                self.fn(static_in)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = self.fn(static_in)
+        graph, static_out = _capture_graph(lambda: self.fn(static_in))
         return static_in, graph, static_out

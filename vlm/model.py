@@ -104,10 +104,12 @@ class VisionLanguageModel(nn.Module):
         elementwise work fused by torch.compile: faster decoding and batched captioning, but a first reply
         that waits for compilation) or `dynamic` (transformers' DynamicCache)."""
         self._decoder: StaticDecoder | None = None
+        self._decoder_mode = ""  # the decode mode `_decoder` was built for
         self._graphed_vision: GraphedForward | None = None
 
     def compile_lm_layers(self, enable: bool = True) -> None:
-        """Run each LM decoder layer through `torch.compile` (training and prefill), or undo it.
+        """Run each LM decoder layer through `torch.compile` (training, and prefill on the `dynamic`
+        path; the static-cache paths compile their own layer halves with `decode_mode="compiled"`), or undo it.
 
         The layers share their code and shapes, so one compilation serves them all; new sequence
         lengths recompile once and then run with dynamic shapes."""
@@ -323,7 +325,7 @@ class VisionLanguageModel(nn.Module):
             next_ids = torch.where(done, torch.full_like(next_ids, self.pad_id), next_ids)
             yield next_ids
             done |= torch.isin(next_ids, stop_ids)
-            if bool(done.all()):
+            if bool(done.all()) or step == options.max_new_tokens - 1:  # no step whose logits nobody reads
                 return
             sequence = torch.cat([sequence, next_ids[:, None]], dim=1)
             position_ids = position_ids[:, -1:] + 1
@@ -348,11 +350,13 @@ class VisionLanguageModel(nn.Module):
         if mode == "dynamic":
             return None
         current = self._decoder
-        if current is None or current.batch_size != batch_size or current.max_len < length:
+        reusable = current is not None and self._decoder_mode == mode and current.batch_size == batch_size
+        if not reusable or current.max_len < length:
             self._decoder = None  # free the old cache before allocating the new one
             bucket = -(-length // 256) * 256
             graph = mode == "cuda_graph" or (mode == "compiled" and self.device.type == "cuda")
             self._decoder = StaticDecoder(self.lm, batch_size, bucket, graph, compile_layers=mode == "compiled")
+            self._decoder_mode = mode
         return self._decoder
 
     def _stream(self, chats: Sequence[EncodedChat], options: GenerationOptions) -> Iterator[list[str]]:
