@@ -81,6 +81,8 @@ def hf_export(tiny_adapter: Path, tmp_path_factory) -> tuple[vlm.VisionLanguageM
     with torch.no_grad():  # the random LM never stops, so greedy runs compare max_new_tokens tokens
         for token_id in model.stop_ids:
             model.lm.get_output_embeddings().weight[token_id] = 0.0
+    model.decode_mode = "static"  # which fuses q/k/v and gate/up into shared matrices: each must still be saved
+    model.caption(Image.new("RGB", (32, 32), (200, 30, 30)), max_new_tokens=2)
     with pytest.warns(UserWarning, match=r"Images of exactly 32x32 pixels are preprocessed identically"):
         out = export_llava_hf(model, tmp_path_factory.mktemp("export") / "llava")
     return model, out
@@ -115,6 +117,8 @@ def test_llava_hf_export_loads_with_transformers(hf_export):
     with torch.no_grad():  # the weights are ours
         assert torch.equal(llava.model.multi_modal_projector.linear_2.weight, model.projector[2].weight)
         assert torch.equal(llava.lm_head.weight, model.lm.get_output_embeddings().weight)
+        for name, weight in model.lm.get_decoder().named_parameters():
+            assert torch.equal(llava.model.language_model.get_parameter(name), weight), name
 
 
 CONVERSATIONS = {

@@ -3,16 +3,24 @@
 Single-stream decoding of a 14B LM is bound by reading the weights (about 5.8 ms a token on an H200),
 but eager PyTorch spends longer than that launching the ~600 kernels of one step from Python. Here the
 step runs over preallocated cache tensors with no data-dependent control flow, so the whole step can be
-recorded as one CUDA graph and replayed for every token. The step reuses the LM's own modules
-(norms, projections with their biases, MLP, rotary embedding), so it computes what transformers
-computes; on the CPU it runs eagerly and tests compare its tokens with the plain path.
+recorded as one CUDA graph and replayed for every token. The step reuses the LM's own modules (norms,
+output and down projections, rotary embedding, activation), so it computes what transformers computes; on
+the CPU it runs eagerly and tests compare its tokens with the plain path.
 
-With `compile_layers`, the two halves of a decoder layer around the cache write and attention (norm,
-projections, rotary; output projection, residuals, norm, MLP) go through `torch.compile`, which fuses
-their small elementwise kernels. Every layer has the same shapes, so one compiled function serves all of
-them; the cache write and attention stay eager, so no compiled graph mutates the cache.
+Inside a graph every kernel still costs a few microseconds however small it is, so the step keeps their
+number down:
+- the q/k/v projections read one fused matrix, and so do gate/up (`fuse_projections`): one large GEMV
+  streams the weights closer to full bandwidth than three small ones;
+- keys and values sit in one cache tensor and are written with one kernel per layer;
+- the attention mask is additive and kept up to date with one kernel per step, not rebuilt per layer.
 
-Prefill runs the same halves over the whole prompt (compiled with a dynamic length) and writes keys and
+With `compile_layers`, the work between two attentions (output projection, residual, norm, MLP, residual,
+the next layer's norm, q/k/v and rotary) goes through `torch.compile`, which fuses its elementwise kernels
+across the layer boundary. Every boundary has the same shapes, so one compiled function serves all of them
+(the first layer's inputs and the last layer's MLP run eagerly, once per step); the cache write and
+attention stay eager, so no compiled graph mutates the cache.
+
+Prefill runs the same pieces over the whole prompt (compiled with a dynamic length) and writes keys and
 values straight into the static cache, with no transformers cache in between. Rows are left-padded
 together, so every row writes the same cache slot at each step while keeping its own rotary position.
 
@@ -25,14 +33,18 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GraphedForward", "StaticDecoder", "supports_static_decode"]
+__all__ = ["GraphedForward", "StaticDecoder", "fuse_projections", "supports_static_decode"]
+
+# Per layer: (q/k/v weight, q/k/v bias, gate/up weight, gate/up bias); a None weight means "run the modules".
+LayerWeights = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+_FUSED = "_vlm_fused_projections"  # where a layer keeps its fused matrices
 
 
 def supports_static_decode(lm: nn.Module) -> bool:
@@ -40,35 +52,137 @@ def supports_static_decode(lm: nn.Module) -> bool:
     return getattr(lm.config, "model_type", None) == "llama" and not getattr(lm.config, "pretraining_tp", 1) > 1
 
 
+# --------------------------------------------------------------------------------------------------
+# Fused projections
+
+
+def _aliased(modules: Sequence[nn.Linear], fused: torch.Tensor | None, name: str) -> bool:
+    """Whether each module's `name` parameter is still its row block of `fused`, in order."""
+    if fused is None:
+        return all(getattr(m, name) is None for m in modules)
+    offset = fused.data_ptr()
+    for m in modules:
+        p = getattr(m, name)
+        if p is None or p.device != fused.device or p.data_ptr() != offset:
+            return False
+        offset += p.numel() * p.element_size()
+    return offset == fused.data_ptr() + fused.numel() * fused.element_size()
+
+
+def _fuse(modules: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """One (weight, bias) whose row blocks become the modules' own parameters, or None when the modules are
+    not plain frozen Linears sharing a dtype and device (quantised layers, adapters, trainable weights)."""
+    if any(type(m) is not nn.Linear for m in modules):
+        return None
+    weights = [m.weight for m in modules]
+    biases = [m.bias for m in modules]
+    first = weights[0]
+    if any(p.requires_grad or p.device != first.device or p.dtype != first.dtype for p in weights):
+        return None
+    if first.is_meta or any(b is not None and (b.requires_grad or b.dtype != first.dtype) for b in biases):
+        return None
+    if any(b is None for b in biases) and not all(b is None for b in biases):
+        return None
+    fused = torch.cat([w.detach() for w in weights])
+    fused_bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+    rows = 0
+    for m, w in zip(modules, weights, strict=True):
+        n = w.shape[0]
+        m.weight.data = fused[rows : rows + n]  # the same Parameter object, now a view: no memory added
+        if fused_bias is not None:
+            m.bias.data = fused_bias[rows : rows + n]
+        rows += n
+    return fused, fused_bias
+
+
+def fuse_projections(lm: nn.Module) -> list[LayerWeights]:
+    """Per decoder layer, the q/k/v projections as one matrix and gate/up as another, so a decode step reads
+    each group with one GEMV. The modules' parameters are re-pointed at row blocks of the fused matrices:
+    no memory is added and every other path (training, stock transformers) computes with the same weights.
+    Idempotent; a layer whose parameters were moved or replaced since is fused again."""
+    out = []
+    with torch.inference_mode(False), torch.no_grad():  # normal tensors: training may use these weights later
+        for layer in lm.get_decoder().layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+            gate_up = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj")]
+            old = getattr(layer, _FUSED, None)
+            if old is None or not all(
+                weight is None or (_aliased(group, weight, "weight") and _aliased(group, bias, "bias"))
+                for group, weight, bias in ((qkv, old[0], old[1]), (gate_up, old[2], old[3]))
+            ):
+                a = _fuse(qkv) if all(qkv) else None
+                m = _fuse(gate_up) if all(gate_up) and hasattr(mlp, "act_fn") else None
+                old = (*(a or (None, None)), *(m or (None, None)))
+                layer.__dict__[_FUSED] = old  # a plain attribute: not a parameter, buffer or state-dict entry
+            out.append(old)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The pieces of a decoder layer
+
+
 def _attention_inputs(
-    layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """First half of a decoder layer: (B, T, H) -> q (B, Hq, T, D), k (after rotary) and v (B, Hk, T, D)."""
+    layer: nn.Module,
+    w: LayerWeights,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Norm, q/k/v, rotary: (B, T, H) -> q (B, Hq, T, D) and keys (after rotary) stacked on values
+    (2, B, Hk, T, D), the layout of one layer's cache."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     attn, (batch, length) = layer.self_attn, hidden.shape[:2]
     x = layer.input_layernorm(hidden)
-    q = attn.q_proj(x).view(batch, length, heads, -1).transpose(1, 2)
-    k = attn.k_proj(x).view(batch, length, kv_heads, -1).transpose(1, 2)
-    v = attn.v_proj(x).view(batch, length, kv_heads, -1).transpose(1, 2)
+    if w[0] is None:
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    else:
+        q, k, v = F.linear(x, w[0], w[1]).split([attn.q_proj.out_features, *[attn.k_proj.out_features] * 2], -1)
+    q = q.view(batch, length, heads, -1).transpose(1, 2)
+    k = k.view(batch, length, kv_heads, -1).transpose(1, 2)
+    v = v.view(batch, length, kv_heads, -1).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    return q, k, v
+    return q, torch.stack((k, v))
 
 
-def _attention_output_and_mlp(layer: nn.Module, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-    """Second half: attention output (B, Hq, T, D) -> residual, norm, MLP, residual -> (B, T, H)."""
+def _attention_output_and_mlp(
+    layer: nn.Module, w: LayerWeights, hidden: torch.Tensor, attended: torch.Tensor
+) -> torch.Tensor:
+    """Attention output (B, Hq, T, D) -> output projection, residual, norm, MLP, residual -> (B, T, H)."""
     batch, length = hidden.shape[:2]
     hidden = hidden + layer.self_attn.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
-    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    x, mlp = layer.post_attention_layernorm(hidden), layer.mlp
+    if w[2] is None:
+        return hidden + mlp(x)
+    gate, up = F.linear(x, w[2], w[3]).chunk(2, dim=-1)
+    return hidden + mlp.down_proj(mlp.act_fn(gate) * up)
 
 
-def _prompt_attention_inputs(*args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The first half for prompts (its own code object, so its compiled graph has its own cache)."""
-    return _attention_inputs(*args)
+def _between_attentions(
+    layer: nn.Module,
+    w: LayerWeights,
+    following: nn.Module,
+    w_following: LayerWeights,
+    hidden: torch.Tensor,
+    attended: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Everything from one layer's attention output to the following layer's attention inputs
+    -> (hidden, q, keys and values): the residual add and the next norm fuse when compiled."""
+    hidden = _attention_output_and_mlp(layer, w, hidden, attended)
+    return hidden, *_attention_inputs(following, w_following, hidden, cos, sin, heads, kv_heads)
 
 
-def _prompt_attention_output_and_mlp(*args: Any) -> torch.Tensor:
-    return _attention_output_and_mlp(*args)
+def _prompt_between_attentions(*args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same for prompts (its own code object, so its compiled graph, dynamic in length, has its own cache)."""
+    return _between_attentions(*args)
 
 
 def _capture_graph(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
@@ -94,12 +208,12 @@ class StaticDecoder:
     ):
         self.lm = lm
         self.decoder = lm.get_decoder()
+        self.layers = list(self.decoder.layers)
+        self.weights = fuse_projections(lm)
         compile_step = torch.compile(fullgraph=True, dynamic=False) if compile_layers else (lambda f: f)
         compile_prompt = torch.compile(fullgraph=True, dynamic=True) if compile_layers else (lambda f: f)
-        self._first_half = compile_step(_attention_inputs)
-        self._second_half = compile_step(_attention_output_and_mlp)
-        self._prompt_first_half = compile_prompt(_prompt_attention_inputs)  # any prompt length: one graph
-        self._prompt_second_half = compile_prompt(_prompt_attention_output_and_mlp)
+        self._between = compile_step(_between_attentions)
+        self._prompt_between = compile_prompt(_prompt_between_attentions)  # any prompt length: one graph
         config = lm.config
         self.batch_size, self.max_len = batch_size, max_len
         self.heads = config.num_attention_heads
@@ -108,10 +222,12 @@ class StaticDecoder:
         self.gqa = self.heads != self.kv_heads
         weight = lm.get_input_embeddings().weight
         device, dtype = weight.device, weight.dtype
-        shape = (config.num_hidden_layers, batch_size, self.kv_heads, max_len, self.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.valid = torch.zeros((batch_size, max_len), device=device, dtype=torch.bool)
+        # keys and values of a layer side by side: (layers, 2, B, Hk, L, D), one write per layer and step
+        self.cache = torch.zeros(
+            (config.num_hidden_layers, 2, batch_size, self.kv_heads, max_len, self.head_dim), device=device, dtype=dtype
+        )
+        # additive attention mask over the slots: 0 where a row may attend, -inf elsewhere
+        self.mask = torch.full((batch_size, max_len), float("-inf"), device=device, dtype=dtype)
         # Static inputs and output of the step (what a CUDA graph reads and writes).
         self.ids = torch.zeros((batch_size, 1), device=device, dtype=torch.long)
         self.positions = torch.zeros((batch_size, 1), device=device, dtype=torch.long)
@@ -119,6 +235,46 @@ class StaticDecoder:
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.use_cuda_graph = use_cuda_graph and device.type == "cuda"
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """(layers, B, Hk, L, D) keys after rotary."""
+        return self.cache[:, 0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.cache[:, 1]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(B, L): the slots each row attends to."""
+        return self.mask == 0
+
+    def is_current(self) -> bool:
+        """Whether the LM's weights are still the ones this decoder (and its captured graph) reads: not moved,
+        replaced or unfused since (`fuse_projections` hands back the same tuple for a layer left as it was)."""
+        now = fuse_projections(self.lm)
+        same = all(a is b for a, b in zip(now, self.weights, strict=True))
+        return same and self.lm.get_input_embeddings().weight.device == self.cache.device
+
+    def _layer_loop(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        between: Callable[..., Any],
+        attend: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """The decoder layers around `attend(layer index, q, keys and values) -> attention output`."""
+        layers, weights, heads = self.layers, self.weights, (self.heads, self.kv_heads)
+        q, kv = _attention_inputs(layers[0], weights[0], hidden, cos, sin, *heads)
+        for i in range(len(layers) - 1):
+            attended = attend(i, q, kv)
+            hidden, q, kv = between(
+                layers[i], weights[i], layers[i + 1], weights[i + 1], hidden, attended, cos, sin, *heads
+            )
+        attended = attend(len(layers) - 1, q, kv)
+        return _attention_output_and_mlp(layers[-1], weights[-1], hidden, attended)
 
     @torch.inference_mode()
     def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -128,23 +284,25 @@ class StaticDecoder:
         if length >= self.max_len:
             raise ValueError(f"prompt of {length} tokens does not fit a static cache of {self.max_len}")
         valid = attention_mask.bool()
-        self.valid.zero_()
-        self.valid[:, :length] = valid
+        self.mask.fill_(float("-inf"))
+        self.mask[:, :length].masked_fill_(valid, 0.0)
         mask = None  # no padding: plain causal attention (flash kernels)
         if not bool(valid.all()):
             causal = torch.ones((length, length), dtype=torch.bool, device=valid.device).tril()
-            mask = causal[None, None] & valid[:, None, None, :]  # (B, 1, T, T)
-            mask |= ~valid[:, None, :, None]  # pad queries see everything: finite values nobody reads
-        hidden = embeds
-        cos, sin = self.decoder.rotary_emb(hidden, position_ids)
-        for i, layer in enumerate(self.decoder.layers):
-            q, k, v = self._prompt_first_half(layer, hidden, cos, sin, self.heads, self.kv_heads)
-            self.keys[i, :, :, :length].copy_(k)
-            self.values[i, :, :, :length].copy_(v)
-            attended = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, scale=layer.self_attn.scaling, enable_gqa=self.gqa
-            )
-            hidden = self._prompt_second_half(layer, hidden, attended)
+            allowed = causal[None, None] & valid[:, None, None, :]  # (B, 1, T, T)
+            allowed |= ~valid[:, None, :, None]  # pad queries see everything: finite values nobody reads
+            mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=embeds.device)
+            mask.masked_fill_(~allowed, float("-inf"))  # additive once here, not converted in every layer
+
+        def attend(i: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            self.cache[i, :, :, :, :length].copy_(kv)
+            return F.scaled_dot_product_attention(
+                q, kv[0], kv[1], attn_mask=mask, is_causal=mask is None, scale=self.layers[i].self_attn.scaling,
+                enable_gqa=self.gqa,
+            )  # fmt: skip
+
+        cos, sin = self.decoder.rotary_emb(embeds, position_ids)
+        hidden = self._layer_loop(embeds, cos, sin, self._prompt_between, attend)
         return self.lm.get_output_embeddings()(self.decoder.norm(hidden[:, -1:]))[:, -1]  # (B, V)
 
     @torch.inference_mode()
@@ -152,18 +310,18 @@ class StaticDecoder:
         """ids (B, 1) at rotary `positions` (B, 1), written to cache `slot` -> last logits (B, V)."""
         hidden = self.decoder.embed_tokens(self.ids)  # (B, 1, H)
         cos, sin = self.decoder.rotary_emb(hidden, self.positions)
-        self.valid.index_fill_(1, self.slot, True)
-        mask = self.valid[:, None, None, :]  # (B, 1, 1, L)
-        for i, layer in enumerate(self.decoder.layers):
-            q, k, v = self._first_half(layer, hidden, cos, sin, self.heads, self.kv_heads)
-            self.keys[i].index_copy_(2, self.slot, k)
-            self.values[i].index_copy_(2, self.slot, v)
-            attended = F.scaled_dot_product_attention(
-                q, self.keys[i], self.values[i], attn_mask=mask, scale=layer.self_attn.scaling, enable_gqa=self.gqa
+        self.mask.index_fill_(1, self.slot, 0.0)
+        mask = self.mask[:, None, None, :]  # (B, 1, 1, L)
+
+        def attend(i: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            cache = self.cache[i]
+            cache.index_copy_(3, self.slot, kv)
+            return F.scaled_dot_product_attention(
+                q, cache[0], cache[1], attn_mask=mask, scale=self.layers[i].self_attn.scaling, enable_gqa=self.gqa
             )  # (B, Hq, 1, D)
-            hidden = self._second_half(layer, hidden, attended)
-        hidden = self.decoder.norm(hidden)
-        return self.lm.get_output_embeddings()(hidden[:, -1])  # (B, V)
+
+        hidden = self._layer_loop(hidden, cos, sin, self._between, attend)
+        return self.lm.get_output_embeddings()(self.decoder.norm(hidden)[:, -1])  # (B, V)
 
     def _capture(self) -> None:
         """Record the step as a CUDA graph. The warm-up steps write only this step's own cache slot, with the

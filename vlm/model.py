@@ -351,7 +351,7 @@ class VisionLanguageModel(nn.Module):
             return None
         current = self._decoder
         reusable = current is not None and self._decoder_mode == mode and current.batch_size == batch_size
-        if not reusable or current.max_len < length:
+        if not reusable or current.max_len < length or not current.is_current():
             self._decoder = None  # free the old cache before allocating the new one
             bucket = -(-length // 256) * 256
             graph = mode == "cuda_graph" or (mode == "compiled" and self.device.type == "cuda")
