@@ -95,6 +95,23 @@ def _fuse(modules: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | No
     return fused, fused_bias
 
 
+def _groups(layer: nn.Module) -> tuple[list[Any], list[Any]]:
+    """A layer's q/k/v modules and its gate/up modules."""
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+    return qkv, [getattr(mlp, n, None) for n in ("gate_proj", "up_proj")] if hasattr(mlp, "act_fn") else [None]
+
+
+def _still_fused(layer: nn.Module, weights: LayerWeights | None) -> bool:
+    """Whether the layer's projections are still the row blocks of `weights` (not moved or replaced since)."""
+    if weights is None:
+        return False
+    return all(
+        fused is None or (_aliased(group, fused, "weight") and _aliased(group, bias, "bias"))
+        for group, fused, bias in zip(_groups(layer), weights[::2], weights[1::2], strict=True)
+    )
+
+
 def fuse_projections(lm: nn.Module) -> list[LayerWeights]:
     """Per decoder layer, the q/k/v projections as one matrix and gate/up as another, so a decode step reads
     each group with one GEMV. The modules' parameters are re-pointed at row blocks of the fused matrices:
@@ -103,19 +120,12 @@ def fuse_projections(lm: nn.Module) -> list[LayerWeights]:
     out = []
     with torch.inference_mode(False), torch.no_grad():  # normal tensors: training may use these weights later
         for layer in lm.get_decoder().layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            qkv = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
-            gate_up = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj")]
-            old = getattr(layer, _FUSED, None)
-            if old is None or not all(
-                weight is None or (_aliased(group, weight, "weight") and _aliased(group, bias, "bias"))
-                for group, weight, bias in ((qkv, old[0], old[1]), (gate_up, old[2], old[3]))
-            ):
-                a = _fuse(qkv) if all(qkv) else None
-                m = _fuse(gate_up) if all(gate_up) and hasattr(mlp, "act_fn") else None
-                old = (*(a or (None, None)), *(m or (None, None)))
-                layer.__dict__[_FUSED] = old  # a plain attribute: not a parameter, buffer or state-dict entry
-            out.append(old)
+            weights = layer.__dict__.get(_FUSED)
+            if not _still_fused(layer, weights):
+                qkv, gate_up = (_fuse(group) if all(group) else None for group in _groups(layer))
+                weights = (*(qkv or (None, None)), *(gate_up or (None, None)))
+                layer.__dict__[_FUSED] = weights  # a plain attribute: not a parameter, buffer or state-dict entry
+            out.append(weights)
     return out
 
 
@@ -251,11 +261,13 @@ class StaticDecoder:
         return self.mask == 0
 
     def is_current(self) -> bool:
-        """Whether the LM's weights are still the ones this decoder (and its captured graph) reads: not moved,
-        replaced or unfused since (`fuse_projections` hands back the same tuple for a layer left as it was)."""
-        now = fuse_projections(self.lm)
-        same = all(a is b for a, b in zip(now, self.weights, strict=True))
-        return same and self.lm.get_input_embeddings().weight.device == self.cache.device
+        """Whether the LM's weights are still the ones this decoder (and its captured graph) reads. Moving the
+        LM (`.to`, `.cuda`) gives every parameter new storage, so the first and last layers tell; weights
+        loaded in place (`load_state_dict`) keep theirs and need no new decoder."""
+        return self.lm.get_input_embeddings().weight.device == self.cache.device and all(
+            self.layers[i].__dict__.get(_FUSED) is self.weights[i] and _still_fused(self.layers[i], self.weights[i])
+            for i in (0, -1)
+        )
 
     def _layer_loop(
         self,
