@@ -36,8 +36,11 @@ def _lm(seed: int = 0):
 def test_prefill_and_steps_match_transformers_with_gqa_and_biases(compile_layers):
     import inspect
 
+    from torch._dynamo.utils import counters
     from transformers import DynamicCache
 
+    torch._dynamo.reset()
+    counters.clear()
     lm = _lm()
     cache_kwarg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
     batch, length, steps = 2, 7, 5
@@ -62,6 +65,8 @@ def test_prefill_and_steps_match_transformers_with_gqa_and_biases(compile_layers
                 input_ids=ids[:, None], attention_mask=mask, position_ids=positions, **{cache_kwarg: cache}
             ).logits[:, -1]
             torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    # three layers, two boundaries: one graph for the prompt and one for steps, whichever layers they join
+    assert counters["stats"]["unique_graphs"] == (2 if compile_layers else 0)
     assert torch.equal(static.valid[:, : length + steps], mask.bool())
     assert not static.valid[:, length + steps :].any()
 

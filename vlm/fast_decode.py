@@ -313,6 +313,8 @@ class StaticDecoder:
                 enable_gqa=self.gqa,
             )  # fmt: skip
 
+        if not embeds.is_inference():  # as every later layer's input is: one compiled graph serves them all
+            embeds = embeds.clone()
         cos, sin = self.decoder.rotary_emb(embeds, position_ids)
         hidden = self._layer_loop(embeds, cos, sin, self._prompt_between, attend)
         return self.lm.get_output_embeddings()(self.decoder.norm(hidden[:, -1:]))[:, -1]  # (B, V)
