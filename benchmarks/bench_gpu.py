@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import statistics
 import sys
@@ -129,6 +130,16 @@ def inputs(ours: VisionLanguageModel, batch: int, device: torch.device, seed: in
         "pixel_values": pixels.to(device, ours.vision_dtype),
         "attention_mask": torch.ones_like(ids).to(device),
     }
+
+
+def code_version() -> str:
+    """A digest of the library and benchmark sources, so a result names the code it measured (the device
+    machine gets a copy of the working tree without its git history)."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted([*root.glob("vlm/*.py"), Path(__file__).resolve()]):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def sync(device: torch.device) -> None:
@@ -406,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "dtype": str(dtype).removeprefix("torch."),
+        "code": code_version(),
         "models": {},
     }
     sizes = ["tiny"] if args.tiny else args.models.split(",")

@@ -20,6 +20,7 @@ def test_tiny_benchmark_runs_and_reports_both_sides(tmp_path):
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     assert json.loads(done.stdout) == report
+    assert len(report["code"]) == 12  # which sources were measured
     tiny = report["models"]["tiny"]
     assert (
         tiny["training"]["ours"]["best"]["samples_per_s"] > 0 and tiny["training"]["stock"]["best"]["samples_per_s"] > 0
