@@ -117,7 +117,7 @@ def fuse_projections(lm: nn.Module) -> list[LayerWeights]:
     each group with one GEMV. The modules' parameters are re-pointed at row blocks of the fused matrices:
     no memory is added and every other path (training, stock transformers) computes with the same weights.
     Idempotent; a layer whose parameters were moved or replaced since is fused again."""
-    out = []
+    out, fused_any = [], False
     with torch.inference_mode(False), torch.no_grad():  # normal tensors: training may use these weights later
         for layer in lm.get_decoder().layers:
             weights = layer.__dict__.get(_FUSED)
@@ -125,7 +125,12 @@ def fuse_projections(lm: nn.Module) -> list[LayerWeights]:
                 qkv, gate_up = (_fuse(group) if all(group) else None for group in _groups(layer))
                 weights = (*(qkv or (None, None)), *(gate_up or (None, None)))
                 layer.__dict__[_FUSED] = weights  # a plain attribute: not a parameter, buffer or state-dict entry
+                fused_any = fused_any or any(w is not None for w in weights)
             out.append(weights)
+    if fused_any and any(w is not None and w.is_cuda for w in out[0]):
+        # A large weight moved to the GPU on its own gets an allocator segment of its own; the replaced ones are
+        # wholly free now, so hand them back rather than keep the projections reserved twice.
+        torch.cuda.empty_cache()
     return out
 
 
