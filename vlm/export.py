@@ -27,7 +27,7 @@ from torch import nn
 
 from vlm.config import PROJECTOR_NAME, AdapterConfig
 from vlm.errors import ConfigError
-from vlm.model import VisionLanguageModel, _resolve
+from vlm.model import VisionLanguageModel, resolve_reference
 from vlm.projector import load_llava_projector
 from vlm.vision import HFCLIPTower, OpenCLIPTower, VisionTower, build_vision_tower
 
@@ -475,7 +475,7 @@ def export_gguf_mmproj(adapter_dir: str | Path, out_path: str | Path, *, ftype: 
     if not projector_file.is_file():
         raise ConfigError(f"{adapter_dir} has no {PROJECTOR_NAME}; was the training run finished?")
     projector = load_file(str(projector_file))
-    tower = build_vision_tower(config, _resolve(config.vision_tower, adapter_dir))
+    tower = build_vision_tower(config, resolve_reference(config.vision_tower, adapter_dir))
     vision = _hf_vision_model(tower)
     vc = vision.config
     feature_layer = config.select_layer % (vc.num_hidden_layers + 1)  # hidden-state index, 0 = embeddings

@@ -28,7 +28,7 @@ from vlm.projector import build_projector
 from vlm.prompt import IGNORE_INDEX, ChatTokens, EncodedChat, encode_chat, normalize_messages
 from vlm.vision import VisionTower, build_vision_tower
 
-__all__ = ["ModelOutput", "VisionLanguageModel", "build_model", "check_memory", "load"]
+__all__ = ["ModelOutput", "VisionLanguageModel", "build_model", "check_memory", "load", "resolve_reference"]
 
 logger = logging.getLogger(__name__)
 
@@ -448,8 +448,9 @@ class VisionLanguageModel(nn.Module):
 # Loading
 
 
-def _resolve(reference: str, base: Path | None) -> str:
-    """A relative local path in an adapter config is relative to the adapter directory."""
+def resolve_reference(reference: str, base: Path | None) -> str:
+    """A backbone reference from an adapter config: a relative local path is relative to the adapter directory
+    `base`; anything else (a hub id, an absolute path) is returned as it is."""
     if base is not None and not Path(reference).is_absolute() and (base / reference).exists():
         return str(base / reference)
     return reference
@@ -505,7 +506,7 @@ def build_model(
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _torch_dtype(dtype, device)
-    lm_ref = _resolve(config.lm, base)
+    lm_ref = resolve_reference(config.lm, base)
     try:
         lm_config = AutoConfig.from_pretrained(lm_ref)
         if device.type == "cuda":
@@ -518,7 +519,7 @@ def build_model(
             f"could not load the LM {config.lm!r}: {e}. If it is a hub id, check the name and that the hub is "
             "reachable (HF_HUB_OFFLINE unset), or give a local path"
         ) from e
-    vision = build_vision_tower(config, _resolve(config.vision_tower, base))
+    vision = build_vision_tower(config, resolve_reference(config.vision_tower, base))
     return VisionLanguageModel(config, vision, lm, tokenizer).to(device=device, dtype=dtype)
 
 
