@@ -79,7 +79,9 @@ def _fuse(modules: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | No
     first = weights[0]
     if any(p.requires_grad or p.device != first.device or p.dtype != first.dtype for p in weights):
         return None
-    if first.is_meta or any(b is not None and (b.requires_grad or b.dtype != first.dtype) for b in biases):
+    if first.is_meta or any(
+        b is not None and (b.requires_grad or b.dtype != first.dtype or b.device != first.device) for b in biases
+    ):
         return None
     if any(b is None for b in biases) and not all(b is None for b in biases):
         return None
