@@ -202,6 +202,22 @@ def _prompt_between_attentions(*args: Any) -> tuple[torch.Tensor, torch.Tensor, 
     return _between_attentions(*args)
 
 
+def _any_length(compiled: Callable[..., Any]) -> Callable[..., Any]:
+    """A compiled `_prompt_between_attentions` whose inputs have their sequence length marked dynamic: one graph
+    serves every prompt length while the other sizes (batch, width, heads) stay fixed and specialise the
+    kernels, and it compiles faster than a graph with every size dynamic."""
+
+    def call(
+        layer: nn.Module, w: LayerWeights, following: nn.Module, w_following: LayerWeights, hidden: torch.Tensor,
+        attended: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        for tensor, dim in ((hidden, 1), (attended, 2), (cos, 1), (sin, 1)):
+            torch._dynamo.mark_dynamic(tensor, dim)
+        return compiled(layer, w, following, w_following, hidden, attended, cos, sin, heads, kv_heads)
+
+    return call
+
+
 def _capture_graph(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
     """Record `fn` as a CUDA graph after two warm-up calls on a side stream (kernels picked, allocator
     settled outside the graph) -> (graph, what the recorded call returned: buffers each replay refills)."""
@@ -227,10 +243,10 @@ class StaticDecoder:
         self.decoder = lm.get_decoder()
         self.layers = list(self.decoder.layers)
         self.weights = fuse_projections(lm)
-        compile_step = torch.compile(fullgraph=True, dynamic=False) if compile_layers else (lambda f: f)
-        compile_prompt = torch.compile(fullgraph=True, dynamic=True) if compile_layers else (lambda f: f)
-        self._between = compile_step(_between_attentions)
-        self._prompt_between = compile_prompt(_prompt_between_attentions)  # any prompt length: one graph
+        self._between, self._prompt_between = _between_attentions, _prompt_between_attentions
+        if compile_layers:
+            self._between = torch.compile(_between_attentions, fullgraph=True, dynamic=False)
+            self._prompt_between = _any_length(torch.compile(_prompt_between_attentions, fullgraph=True))
         config = lm.config
         self.batch_size, self.max_len = batch_size, max_len
         self.heads = config.num_attention_heads
