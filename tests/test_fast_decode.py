@@ -117,3 +117,24 @@ def test_trainable_or_unusual_projections_are_left_alone():
         ours = StaticDecoder(lm, batch, 256, use_cuda_graph=False).prefill(embeds, mask, mask.cumsum(-1) - 1)
         theirs = lm(inputs_embeds=embeds).logits[:, -1]
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_a_failed_compilation_decodes_eagerly_with_a_warning(tmp_path, monkeypatch):
+    import torch._inductor.config as inductor
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # nothing compiled before can be reused
+    torch._dynamo.reset()
+    lm = _lm()
+    batch, length = 1, 6
+    embeds = torch.randn(batch, length, 64)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    with torch.inference_mode():
+        expected = StaticDecoder(lm, batch, 256, use_cuda_graph=False).prefill(embeds, mask, mask.cumsum(-1) - 1)
+        static = StaticDecoder(lm, batch, 256, use_cuda_graph=False, compile_layers=True)
+        with (
+            inductor.patch({"cpp.cxx": (None, "no-such-c++-compiler"), "fx_graph_cache": False}),
+            pytest.warns(UserWarning, match="decoding without torch.compile: compiling the decoder layers failed"),
+        ):
+            ours = static.prefill(embeds, mask, mask.cumsum(-1) - 1)
+    torch.testing.assert_close(ours, expected)
+    torch._dynamo.reset()

@@ -218,6 +218,29 @@ def _any_length(compiled: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def _or_eager(compiled: Callable[..., Any], eager: Callable[..., Any]) -> Callable[..., Any]:
+    """`compiled`, or `eager` from the first call on if compiling fails (no C++ compiler for the CPU backend,
+    no Triton for the GPU one): decoding goes on, slower, with a warning instead of a compiler traceback."""
+    chosen: list[Callable[..., Any]] = []
+
+    def call(*args: Any) -> Any:
+        if chosen:
+            return chosen[0](*args)
+        try:
+            out = compiled(*args)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            warnings.warn(
+                f"decoding without torch.compile: compiling the decoder layers failed ({reason})", stacklevel=2
+            )
+            chosen.append(eager)
+            return eager(*args)
+        chosen.append(compiled)
+        return out
+
+    return call
+
+
 def _capture_graph(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
     """Record `fn` as a CUDA graph after two warm-up calls on a side stream (kernels picked, allocator
     settled outside the graph) -> (graph, what the recorded call returned: buffers each replay refills)."""
@@ -245,8 +268,10 @@ class StaticDecoder:
         self.weights = fuse_projections(lm)
         self._between, self._prompt_between = _between_attentions, _prompt_between_attentions
         if compile_layers:
-            self._between = torch.compile(_between_attentions, fullgraph=True, dynamic=False)
-            self._prompt_between = _any_length(torch.compile(_prompt_between_attentions, fullgraph=True))
+            compiled = torch.compile(_between_attentions, fullgraph=True, dynamic=False)
+            self._between = _or_eager(compiled, _between_attentions)
+            compiled = _any_length(torch.compile(_prompt_between_attentions, fullgraph=True))
+            self._prompt_between = _or_eager(compiled, _prompt_between_attentions)
         config = lm.config
         self.batch_size, self.max_len = batch_size, max_len
         self.heads = config.num_attention_heads
