@@ -247,6 +247,13 @@ def test_static_cache_decoding_gives_the_same_tokens_as_the_plain_path(tiny_adap
     assert model.caption_batch(rgb_images, batch_size=3, max_new_tokens=24) == plain
     assert model.caption(rgb_images[0], max_new_tokens=24, temperature=1.0, seed=3) == sampled
     assert model._decoder is not None and model._decoder.max_len % 256 == 0
+    decoder = model._decoder
+    assert model.caption(rgb_images[0], max_new_tokens=24, temperature=1.0, seed=3) == sampled
+    assert model._decoder is decoder  # reused while the weights stay where they are
+    embeddings = model.lm.get_input_embeddings().weight
+    embeddings.data = embeddings.data.clone()  # new storage, as moving or recasting the model gives every weight
+    assert model.caption(rgb_images[0], max_new_tokens=24, temperature=1.0, seed=3) == sampled
+    assert model._decoder is not decoder  # its graph would read the old storage: rebuilt
 
 
 def test_static_prefill_matches_transformers_logits_and_cache_on_a_left_padded_batch(tiny_model, rgb_images):

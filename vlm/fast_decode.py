@@ -293,6 +293,7 @@ class StaticDecoder:
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.use_cuda_graph = use_cuda_graph and device.type == "cuda"
+        self._embeddings_at = weight.data_ptr()  # moving or recasting the LM gives every weight new storage
 
     @property
     def keys(self) -> torch.Tensor:
@@ -309,10 +310,10 @@ class StaticDecoder:
         return self.mask == 0
 
     def is_current(self) -> bool:
-        """Whether the LM's weights are still the ones this decoder (and its captured graph) reads. Moving the
-        LM (`.to`, `.cuda`) gives every parameter new storage, so the first and last layers tell; weights
-        loaded in place (`load_state_dict`) keep theirs and need no new decoder."""
-        return self.lm.get_input_embeddings().weight.device == self.cache.device and all(
+        """Whether the LM's weights are still the ones this decoder (and its captured graph) reads: not moved
+        or recast (`.to`, `.half`: new storage for every weight, the embeddings' tells) and the first and last
+        layers' projections still fused. Weights loaded in place (`load_state_dict`) need no new decoder."""
+        return self.lm.get_input_embeddings().weight.data_ptr() == self._embeddings_at and all(
             self.layers[i].__dict__.get(_FUSED) is self.weights[i] and _still_fused(self.layers[i], self.weights[i])
             for i in (0, -1)
         )

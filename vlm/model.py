@@ -109,7 +109,7 @@ class VisionLanguageModel(nn.Module):
 
     def compile_lm_layers(self, enable: bool = True) -> None:
         """Run each LM decoder layer through `torch.compile` (training, and prefill on the `dynamic`
-        path; the static-cache paths compile their own layer halves with `decode_mode="compiled"`), or undo it.
+        path; the static-cache paths compile their own layer pieces with `decode_mode="compiled"`), or undo it.
 
         The layers share their code and shapes, so one compilation serves them all; new sequence
         lengths recompile once and then run with dynamic shapes."""
