@@ -360,6 +360,10 @@ def test_graphed_tower_bookkeeping_replays_on_fresh_inputs_and_keeps_recent_shap
         assert torch.equal(tiny_model.encode_images(pixels, graphed=True), plain)  # a third shape evicts the first
         assert tiny_model.encode_images(pixels[1:2], graphed=True).shape[0] == 1
         assert captured == [(1, 3, 32, 32), (2, 3, 32, 32), (3, 3, 32, 32), (1, 3, 32, 32)]
+        weight = next(tiny_model.vision.parameters())
+        weight.data = weight.data.clone()  # new storage, as moving the tower gives it: the graphs read the old
+        assert torch.equal(tiny_model.encode_images(pixels[1:2], graphed=True), singles[1])
+        assert len(captured) == 5  # captured again
 
         class Uncapturable(GraphedForward):
             def _capture(self, x):

@@ -422,11 +422,21 @@ class GraphedForward:
         self.max_shapes = max_shapes
         self.graphs: OrderedDict[tuple, tuple[torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
         self.failed = False
+        self.weights_at = self._weights_at()
+
+    def _weights_at(self) -> int:
+        """Where the module's first weight lives: moving or recasting the module gives every weight new storage,
+        which graphs captured before would not read."""
+        first = next(self.fn.parameters(), None) if isinstance(self.fn, nn.Module) else None
+        return 0 if first is None else first.data_ptr()
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.failed:
             return self.fn(x)
+        if (at := self._weights_at()) != self.weights_at:
+            self.graphs.clear()
+            self.weights_at = at
         key = (tuple(x.shape), x.dtype, x.device)
         entry = self.graphs.get(key)
         if entry is None:
