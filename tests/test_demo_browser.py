@@ -87,9 +87,17 @@ def chat_in_browser(page: Any, url: str, image: Path, question: str) -> str:
     box.press("Enter")
     answer = page.locator('[data-testid="bot"]').last
     answer.wait_for(timeout=TIMEOUT_MS)
-    # Streaming is over when the stop button has made way for the submit button again.
-    page.locator("button.submit-button").wait_for(timeout=TIMEOUT_MS)
+    wait_until_idle(page)
     return answer.inner_text().strip()
+
+
+def wait_until_idle(page: Any) -> None:
+    """Wait until the chat's last event chain has finished: streaming is over when the stop button has made way
+    for the submit button, but Gradio then still copies the chat into its state and only after that makes the
+    textbox editable again. A Retry clicked in between races with those steps: one CI run kept showing the first
+    answer after Retry."""
+    page.locator("button.submit-button").wait_for(timeout=TIMEOUT_MS)
+    sync_api.expect(page.get_by_test_id("textbox").first).to_be_editable(timeout=TIMEOUT_MS)
 
 
 def wait_for_words(messages: Any, expected: str) -> None:
@@ -117,7 +125,9 @@ def test_browser_chat_answers_retries_and_clears(tiny_model, rgb_images, browser
         filtered = tiny_model.chat(conversation, blocked_words=[word])
         assert filtered != expected
         page.locator("button.label-wrap", has_text="Settings").click()
-        page.get_by_label("Blocked words").fill(word)
+        blocked = page.get_by_label("Blocked words")
+        blocked.fill(word)
+        sync_api.expect(blocked).to_have_value(word)
         page.get_by_role("button", name="Retry").click()
         bot = page.locator('[data-testid="bot"]')
         wait_for_words(bot, filtered)
