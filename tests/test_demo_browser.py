@@ -17,7 +17,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,12 +100,13 @@ def wait_until_idle(page: Any) -> None:
     sync_api.expect(page.get_by_test_id("textbox").first).to_be_editable(timeout=TIMEOUT_MS)
 
 
-def wait_for_words(messages: Any, expected: str) -> None:
+def wait_for_words(messages: Any, expected: str, context: Callable[[], str] = str) -> None:
     """Wait until `messages` is one message with the words of `expected` (Playwright's own whitespace
-    normalisation differs from `str.split` on the control characters a random model writes)."""
+    normalisation differs from `str.split` on the control characters a random model writes). `context()` adds
+    what the page showed besides to a failure."""
     deadline = time.monotonic() + TIMEOUT_MS / 1000
     while (texts := [t.split() for t in messages.all_inner_texts()]) != [expected.split()]:
-        assert time.monotonic() < deadline, f"the page shows {texts}, expected {[expected.split()]}"
+        assert time.monotonic() < deadline, f"the page shows {texts}, expected {[expected.split()]}; {context()}"
         time.sleep(0.2)
 
 
@@ -130,7 +131,14 @@ def test_browser_chat_answers_retries_and_clears(tiny_model, rgb_images, browser
         sync_api.expect(blocked).to_have_value(word)
         page.get_by_role("button", name="Retry").click()
         bot = page.locator('[data-testid="bot"]')
-        wait_for_words(bot, filtered)
+        wait_for_words(
+            bot,
+            filtered,
+            lambda: (
+                f"blocked words field {blocked.input_value()!r}, "
+                f"chat textbox editable: {page.get_by_test_id('textbox').first.is_editable()}"
+            ),
+        )
 
         page.get_by_role("button", name="Clear").click()
         sync_api.expect(bot).to_have_count(0)
