@@ -76,14 +76,11 @@ def _fuse(modules: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | No
         return None
     weights = [m.weight for m in modules]
     biases = [m.bias for m in modules]
+    present = [b for b in biases if b is not None]
     first = weights[0]
-    if any(p.requires_grad or p.device != first.device or p.dtype != first.dtype for p in weights):
+    if first.is_meta or len(present) not in (0, len(biases)):
         return None
-    if first.is_meta or any(
-        b is not None and (b.requires_grad or b.dtype != first.dtype or b.device != first.device) for b in biases
-    ):
-        return None
-    if any(b is None for b in biases) and not all(b is None for b in biases):
+    if any(p.requires_grad or p.device != first.device or p.dtype != first.dtype for p in weights + present):
         return None
     fused = torch.cat([w.detach() for w in weights])
     fused_bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
