@@ -23,7 +23,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -174,16 +174,25 @@ def profiled(fn: Callable[[], Any], device: torch.device, top: int = 8) -> dict[
         fn()
         sync(device)
         wall = time.perf_counter() - start
-    rows = prof.key_averages()
-    on_device = device.type == "cuda"
-    key = "self_device_time_total" if on_device else "self_cpu_time_total"
-    kernels = [r for r in rows if getattr(r, "self_device_time_total", 0) > 0]
-    heaviest = sorted(rows, key=lambda r: getattr(r, key), reverse=True)[:top]
-    result = {"wall_ms": round(wall * 1e3, 2)}
+    return summarize_profile(prof.key_averages(), wall, on_device=device.type == "cuda", top=top)
+
+
+def summarize_profile(rows: Sequence[Any], wall_s: float, on_device: bool, top: int = 8) -> dict[str, Any]:
+    """`profiled`'s report from the profiler's rows. On a GPU it reads only the kernel rows (and copies and
+    memsets): the host op that launched a kernel carries that kernel's device time too, so counting both
+    rows would count the time, and the launch, twice."""
+    from torch.autograd import DeviceType
+
+    result: dict[str, Any] = {"wall_ms": round(wall_s * 1e3, 2)}
     if on_device:
+        kernels = [r for r in rows if r.device_type != DeviceType.CPU and r.self_device_time_total > 0]
         busy = sum(r.self_device_time_total for r in kernels) / 1e3
-        result |= {"kernel_ms": round(busy, 2), "busy": round(busy / (wall * 1e3), 3)}
+        result |= {"kernel_ms": round(busy, 2), "busy": round(busy / (wall_s * 1e3), 3)}
         result["kernel_launches"] = sum(r.count for r in kernels)
+        rows, key = kernels, "self_device_time_total"
+    else:
+        key = "self_cpu_time_total"
+    heaviest = sorted(rows, key=lambda r: getattr(r, key), reverse=True)[:top]
     result["heaviest"] = [[r.key[:90], r.count, round(getattr(r, key) / 1e3, 3)] for r in heaviest]
     return result
 

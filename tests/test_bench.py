@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+from torch.autograd import DeviceType
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
 
 
 def test_tiny_benchmark_runs_and_reports_both_sides(tmp_path):
     out = tmp_path / "bench.json"
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
     done = subprocess.run(
-        [sys.executable, str(script), "--tiny", "--profile", "--out", str(out)],
+        [sys.executable, str(SCRIPT), "--tiny", "--profile", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -32,3 +37,35 @@ def test_tiny_benchmark_runs_and_reports_both_sides(tmp_path):
     profile = tiny["profile"]
     assert set(profile) == {"ours_first_token", "ours_16_tokens", "stock_first_token"}
     assert all(p["wall_ms"] > 0 and len(p["heaviest"]) == 8 for p in profile.values())
+
+
+def test_profile_summary_counts_each_kernel_once():
+    """A GPU profile lists a kernel twice: as its own row and inside the host op that launched it. The summary
+    reads the kernel rows only, so device time, launches and the heaviest list are the kernels'."""
+    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def row(key, device_type, count, device_us, cpu_us=0):
+        return SimpleNamespace(
+            key=key, device_type=device_type, count=count, self_device_time_total=device_us, self_cpu_time_total=cpu_us
+        )
+
+    rows = [
+        row("aten::mm", DeviceType.CPU, 4, 3000, cpu_us=40),  # its kernels' time, again
+        row("aten::add", DeviceType.CPU, 2, 100, cpu_us=20),
+        row("aten::view", DeviceType.CPU, 6, 0, cpu_us=5),
+        row("gemm_kernel", DeviceType.CUDA, 4, 3000),
+        row("add_kernel", DeviceType.CUDA, 2, 100),
+        row("Memcpy HtoD", DeviceType.CUDA, 1, 50),
+    ]
+    report = bench.summarize_profile(rows, wall_s=0.005, on_device=True, top=2)
+    assert report == {
+        "wall_ms": 5.0,
+        "kernel_ms": 3.15,
+        "busy": 0.63,
+        "kernel_launches": 7,
+        "heaviest": [["gemm_kernel", 4, 3.0], ["add_kernel", 2, 0.1]],
+    }
+    on_cpu = bench.summarize_profile(rows[:3], wall_s=0.001, on_device=False, top=2)
+    assert on_cpu == {"wall_ms": 1.0, "heaviest": [["aten::mm", 4, 0.04], ["aten::add", 2, 0.02]]}
