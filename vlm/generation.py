@@ -118,12 +118,18 @@ class TextAssembler:
     """Turns generated ids into text pieces that are safe to show as they arrive.
 
     Holds back text that might still become a stop string or a blocked word, and half-decoded UTF-8.
+    Each new token costs the same however long the answer is: only the ids since the last complete
+    character are decoded (with the ones before as context, as tokenizers may merge across a boundary),
+    and the word filter rescans only the text a blocked word could still end in.
     """
 
     def __init__(self, tokenizer: Any, stop: list[str], blocked_words: list[str]):
         self.tokenizer = tokenizer
         self.stop = stop
         self.ids: list[int] = []
+        self.raw = ""  # the decoded text of ids[: self.read]
+        self.context = 0  # ids[context : read] are decoded again with the new ones
+        self.read = 0
         self.emitted = 0  # characters of the filtered text already handed out
         self.stopped = False
         self.blocked = (
@@ -131,28 +137,60 @@ class TextAssembler:
             if blocked_words
             else None
         )
+        self.longest_blocked = max((len(w) for w in blocked_words), default=0)
+        self.settled = ""  # the filtered text of raw[: settled_raw], which no later text can change
+        self.settled_raw = 0
         self.hold = max([len(s) for s in stop] + [len(w) for w in blocked_words] + [1]) - 1
 
+    def _decode(self, final: bool = False) -> None:
+        """Append the text of the ids since `read` to `raw`, unless it ends in a split character (then
+        they wait for the next id; `final`: the split character is dropped)."""
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.context : self.read], skip_special_tokens=True)
+        text = decode(self.ids[self.context :], skip_special_tokens=True)
+        if final:
+            text = text.rstrip("\ufffd")
+        elif text.endswith("\ufffd") or len(text) <= len(before):
+            return
+        self.raw += text[len(before) :]
+        self.context, self.read = self.read, len(self.ids)
+
     def _text(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        return self.blocked.sub(FILTERED, text) if self.blocked else text
+        """The text so far with blocked words replaced."""
+        if self.blocked is None:
+            return self.raw
+        tail = self.raw[self.settled_raw :]
+        # A match starting at least `longest_blocked` characters before the end cannot change any more, so
+        # the text up to there (or up to the end of such a match) is settled: later scans start after it.
+        cut = len(tail) - self.longest_blocked
+        if cut > 0:
+            for match in self.blocked.finditer(tail, 0, len(tail)):
+                if match.start() >= cut:
+                    break
+                cut = max(cut, match.end())
+            self.settled += self.blocked.sub(FILTERED, tail[:cut])
+            self.settled_raw += cut
+            tail = tail[cut:]
+        return self.settled + self.blocked.sub(FILTERED, tail)
 
     def add(self, token_id: int) -> str:
         """Feed one id; returns the text that can be shown now (maybe empty). Sets `stopped`."""
         self.ids.append(token_id)
+        self._decode()
         text = self._text()
         for s in self.stop:
             at = text.find(s, max(0, self.emitted - len(s)))
             if at != -1:
                 self.stopped = True
                 return self._emit(text[:at])
-        if text.endswith("\ufffd"):  # a multi-byte character split across tokens
-            return ""
         return self._emit(text[: max(self.emitted, len(text) - self.hold)])
 
     def finish(self) -> str:
         """The rest of the text once generation has ended."""
-        return "" if self.stopped else self._emit(self._text().rstrip("\ufffd"))
+        if self.stopped:
+            return ""
+        self._decode(final=True)
+        return self._emit(self._text())
 
     def _emit(self, upto: str) -> str:
         piece = upto[self.emitted :]

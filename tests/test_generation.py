@@ -1,0 +1,98 @@
+"""Streaming detokenisation: the pieces `TextAssembler` hands out, one id at a time, against decoding the
+whole answer at once."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from tests.conftest import build_test_tokenizer
+from vlm.generation import FILTERED, TextAssembler
+
+TEXT = (
+    "The red circle is on a white background. Les élèves ont vu 漢字 and ✓ marks; "
+    "the BadWord sits here, and BADWORD there, a badwor-d is not one. The quick brown fox."
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return build_test_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def stream(tokenizer, ids, stop=(), blocked=()):
+    """Feed `ids` one at a time -> (pieces, the text handed out after each id, stopped early)."""
+    assembler = TextAssembler(tokenizer, list(stop), list(blocked))
+    pieces, shown = [], []
+    for token in ids:
+        pieces.append(assembler.add(token))
+        shown.append("".join(pieces))
+        if assembler.stopped:
+            return pieces, shown, True
+    pieces.append(assembler.finish())
+    shown.append("".join(pieces))
+    return pieces, shown, False
+
+
+def filtered(text, blocked):
+    pattern = re.compile("|".join(re.escape(w) for w in sorted(blocked, key=len, reverse=True)), re.IGNORECASE)
+    return pattern.sub(FILTERED, text)
+
+
+def test_pieces_add_up_to_the_whole_decode(tokenizer):
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    assert any(len(tokenizer.decode([i])) == 1 and tokenizer.decode([i]) == "\ufffd" for i in ids)  # split chars
+    pieces, shown, _ = stream(tokenizer, ids)
+    assert shown[-1] == TEXT
+    assert all("\ufffd" not in piece for piece in pieces)  # a character split across ids is never shown halved
+
+
+def test_random_ids_with_special_tokens_match_the_whole_decode(tokenizer):
+    rng = random.Random(0)
+    special = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+    for _ in range(20):
+        ids = [rng.choice(special) if rng.random() < 0.1 else rng.randrange(len(tokenizer) - 3) for _ in range(60)]
+        _, shown, _ = stream(tokenizer, ids)
+        assert shown[-1] == tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
+
+
+def test_blocked_words_are_never_shown_even_in_part(tokenizer):
+    blocked = ["badword", "red circle"]
+    ids = tokenizer.encode(TEXT * 3, add_special_tokens=False)
+    _, shown, _ = stream(tokenizer, ids, blocked=blocked)
+    expected = filtered(TEXT * 3, blocked)
+    assert shown[-1] == expected
+    assert "badword" not in expected.lower() and expected.count(FILTERED) == 9
+    assert all(expected.startswith(text) for text in shown)  # nothing shown is ever taken back
+
+
+def test_stop_string_ends_the_answer_before_it(tokenizer):
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    _, shown, stopped = stream(tokenizer, ids, stop=["white back"], blocked=["badword"])
+    assert stopped and shown[-1] == "The red circle is on a "
+    assert all(shown[-1].startswith(text) for text in shown)
+
+
+def test_each_id_costs_the_same_however_long_the_answer(tokenizer):
+    """Only the ids since the last complete character are decoded again (and the word filter rescans only
+    the last few characters), so a long answer does not slow down its own last tokens."""
+    ids = tokenizer.encode(TEXT * 20, add_special_tokens=False)  # ~3,000 characters
+    decoded_lengths = []
+    decode = tokenizer.decode
+
+    def counting_decode(token_ids, **kwargs):
+        decoded_lengths.append(len(token_ids))
+        return decode(token_ids, **kwargs)
+
+    tokenizer.decode = counting_decode
+    try:
+        assembler = TextAssembler(tokenizer, ["never"], ["badword"])
+        for token in ids:
+            assembler.add(token)
+            assert len(assembler.raw) - assembler.settled_raw < 40  # the filter's unsettled tail stays short
+        assembler.finish()
+    finally:
+        del tokenizer.decode
+    assert len(ids) > 1000 and max(decoded_lengths) <= 8  # the previous piece as context, a split character
