@@ -256,6 +256,37 @@ def test_static_cache_decoding_gives_the_same_tokens_as_the_plain_path(tiny_adap
     assert model._decoder is not decoder  # its graph would read the old storage: rebuilt
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_overlapped_steps_give_the_same_tokens_with_at_most_one_step_to_spare(tiny_adapter, rgb_images, mode):
+    """Queuing each step before its input token is handed out (as on a GPU) changes no token; when every row
+    has stopped, only the one step already queued is wasted, and none when max_new_tokens ends the answer."""
+    model = vlm.load(tiny_adapter, device="cpu")
+    model.decode_mode = mode
+    chats = [
+        model.encode_messages([{"role": "user", "content": [{"type": "image", "image": im}]}]) for im in rgb_images
+    ]
+    batch = model._batch(chats, max_new_tokens=12)
+    passes = []
+    model.lm.get_decoder().norm.register_forward_hook(lambda *_: passes.append(1))  # the prompt, then each step
+
+    def run(overlap):
+        model.overlap_steps = overlap
+        passes.clear()
+        options = vlm.GenerationOptions(max_new_tokens=12)
+        tokens = torch.stack(list(model.generate_tokens(**batch, options=options)), 1)
+        assert tokens.device.type == "cpu"
+        return tokens, len(passes)
+
+    full, passes_plain = run(False)
+    assert full.shape == (3, 12) and passes_plain == 12
+    assert torch.equal(run(True)[0], full) and run(True)[1] == 12
+    model.stop_ids = sorted({*model.stop_ids, *(int(full[row, 3 + row]) for row in range(3))})  # all stop early
+    stopped, passes_plain = run(False)
+    assert stopped.shape[1] < 12 and passes_plain == stopped.shape[1]
+    overlapped, passes_overlapped = run(True)
+    assert torch.equal(overlapped, stopped) and passes_overlapped == passes_plain + 1
+
+
 def test_static_prefill_matches_transformers_logits_and_cache_on_a_left_padded_batch(tiny_model, rgb_images):
     from transformers import DynamicCache
 

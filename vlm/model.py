@@ -103,6 +103,10 @@ class VisionLanguageModel(nn.Module):
         (static cache without graph capture), `compiled` (as `cuda_graph` on GPU, with each decoder layer's
         elementwise work fused by torch.compile: faster decoding and batched captioning, but a first reply
         that waits for compilation) or `dynamic` (transformers' DynamicCache)."""
+        self.overlap_steps: bool | None = None
+        """Queue each decode step before handing out the token that feeds it, so the caller's work on a token
+        (detokenising, streaming) overlaps the device computing the next; a stop token then costs one step
+        whose result is dropped. `None` (default): on a GPU, where that work is otherwise idle time."""
         self._decoder: StaticDecoder | None = None
         self._decoder_mode = ""  # the decode mode `_decoder` was built for
         self._graphed_vision: GraphedForward | None = None
@@ -296,13 +300,15 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None,
         options: GenerationOptions,
     ) -> Iterator[torch.Tensor]:
-        """Yield the next token ids (B,) step by step for left-padded prompts; finished rows yield pad.
+        """Yield the next token ids (B,), on the CPU, step by step for left-padded prompts; finished rows yield
+        pad. Stops when every row has produced a stop id or after `max_new_tokens`.
 
-        Stops when every row has produced a stop id or after `max_new_tokens`."""
+        With `overlap_steps` (on a GPU), each step after the first is queued before its input token is
+        yielded: the device runs it while the caller handles the token."""
         from transformers import DynamicCache
 
         select = TokenSelector(options, self.tokenizer, self.suppress_ids, self.device)
-        stop_ids = torch.tensor(self.stop_ids, device=self.device)
+        stop_ids, stop_on_host = torch.tensor(self.stop_ids, device=self.device), torch.tensor(self.stop_ids)
         static = self._static_decoder(input_ids.shape[0], input_ids.shape[1] + options.max_new_tokens)
         embeds = self.embed(input_ids, pixel_values, graphed=static is not None and static.use_cuda_graph)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens from 0
@@ -319,27 +325,45 @@ class VisionLanguageModel(nn.Module):
                 **{self._cache_kwarg: cache},
             ).logits[:, -1]  # (B, V)
         sequence = input_ids
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)
-        for step in range(options.max_new_tokens):
-            next_ids = select(sequence, logits)  # (B,)
-            next_ids = torch.where(done, torch.full_like(next_ids, self.pad_id), next_ids)
-            yield next_ids
-            done |= torch.isin(next_ids, stop_ids)
-            if bool(done.all()) or step == options.max_new_tokens - 1:  # no step whose logits nobody reads
-                return
+
+        def advance(next_ids: torch.Tensor, step: int) -> torch.Tensor:
+            """Feed `next_ids` (B,) -> the following logits (B, V)."""
+            nonlocal sequence, position_ids, attention_mask
             sequence = torch.cat([sequence, next_ids[:, None]], dim=1)
             position_ids = position_ids[:, -1:] + 1
             if static is not None:
-                logits = static.step(next_ids, position_ids, slot=input_ids.shape[1] + step)
-                continue
+                return static.step(next_ids, position_ids, slot=input_ids.shape[1] + step)
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-            logits = self.lm(
+            return self.lm(
                 input_ids=next_ids[:, None],
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 use_cache=True,
                 **{self._cache_kwarg: cache},
             ).logits[:, -1]
+
+        overlap = self.device.type == "cuda" if self.overlap_steps is None else self.overlap_steps
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)  # rows past a stop id
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)  # the same, known on the host
+        for step in range(options.max_new_tokens):
+            next_ids = torch.where(done, self.pad_id, select(sequence, logits))  # (B,)
+            on_host = next_ids.to("cpu", non_blocking=True)
+            copied = torch.cuda.Event() if next_ids.is_cuda else None
+            if copied is not None:
+                copied.record()
+            more = step < options.max_new_tokens - 1  # no step whose logits nobody reads
+            if more:
+                done |= torch.isin(next_ids, stop_ids)
+                if overlap:
+                    logits = advance(next_ids, step)  # queued behind the copy
+            if copied is not None:
+                copied.synchronize()  # the ids, not the step queued after them
+            yield on_host
+            finished |= torch.isin(on_host, stop_on_host)
+            if not more or bool(finished.all()):
+                return
+            if not overlap:
+                logits = advance(next_ids, step)
 
     def _static_decoder(self, batch_size: int, length: int) -> StaticDecoder | None:
         """The static-cache decoder for this batch size (reused while it is long enough), or None for
