@@ -350,7 +350,7 @@ class VisionLanguageModel(nn.Module):
             on_host = next_ids.to("cpu", non_blocking=True)
             copied = torch.cuda.Event() if next_ids.is_cuda else None
             if copied is not None:
-                copied.record()
+                copied.record(torch.cuda.current_stream(next_ids.device))  # the model's card, not the current one
             more = step < options.max_new_tokens - 1  # no step whose logits nobody reads
             if more:
                 done |= torch.isin(next_ids, stop_ids)
