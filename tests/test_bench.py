@@ -1,4 +1,5 @@
-"""The GPU benchmark's --tiny mode: the same code on the CPU, printing JSON with both sides measured."""
+"""The GPU benchmark's --tiny mode (the same code on the CPU, printing JSON with both sides measured), its profile
+summary, and the operator count of a decode layer."""
 
 from __future__ import annotations
 
@@ -69,3 +70,14 @@ def test_profile_summary_counts_each_kernel_once():
     }
     on_cpu = bench.summarize_profile(rows[:3], wall_s=0.001, on_device=False, top=2)
     assert on_cpu == {"wall_ms": 1.0, "heaviest": [["aten::mm", 4, 0.04], ["aten::add", 2, 0.02]]}
+
+
+def test_a_decode_layer_dispatches_at_most_32_operators():
+    """Each operator is a kernel inside the captured step; q and k are rotated together (5 fewer than apart)."""
+    spec = importlib.util.spec_from_file_location("ops_per_step", SCRIPT.parent / "ops_per_step.py")
+    ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ops)
+    report = ops.report()
+    for name in ("prefill", "step"):
+        assert report[name]["ops_per_layer"] <= 32, report[name]
+        assert report[name]["per_layer_by_op"]["neg"] == 1  # one rotate_half per layer

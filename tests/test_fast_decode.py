@@ -71,6 +71,25 @@ def test_prefill_and_steps_match_transformers_with_gqa_and_biases(compile_layers
     assert not static.valid[:, length + steps :].any()
 
 
+def test_fused_attention_inputs_are_bit_identical_to_the_modules_in_bf16():
+    """q and k rotated as one tensor (half the kernels) give exactly transformers' numbers, not merely close
+    ones: grouped-query heads, biases, bf16, a batch at different positions."""
+    from vlm.fast_decode import _attention_inputs
+
+    lm = _lm().to(torch.bfloat16)
+    layer, heads = lm.model.layers[1], (4, 2)
+    hidden = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    positions = torch.stack([torch.arange(5), torch.arange(40, 45)])
+    with torch.inference_mode():
+        cos, sin = lm.model.rotary_emb(hidden, positions)
+        q_plain, kv_plain = _attention_inputs(layer, (None, None, None, None), hidden, cos, sin, *heads)
+        weights = fuse_projections(lm)[1]
+        assert weights[0] is not None
+        q_fused, kv_fused = _attention_inputs(layer, weights, hidden, cos, sin, *heads)
+    assert q_fused.shape == q_plain.shape == (2, 4, 5, 16) and kv_fused.shape == kv_plain.shape == (2, 2, 2, 5, 16)
+    assert torch.equal(q_fused, q_plain) and torch.equal(kv_fused, kv_plain)
+
+
 def test_fused_projections_are_the_modules_own_weights():
     lm = _lm()
     before = {name: (p, p.detach().clone()) for name, p in lm.named_parameters()}

@@ -148,18 +148,25 @@ def _attention_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Norm, q/k/v, rotary: (B, T, H) -> q (B, Hq, T, D) and keys (after rotary) stacked on values
     (2, B, Hk, T, D), the layout of one layer's cache."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 
     attn, (batch, length) = layer.self_attn, hidden.shape[:2]
     x = layer.input_layernorm(hidden)
     if w[0] is None:
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q = q.view(batch, length, heads, -1).transpose(1, 2)
+        k = k.view(batch, length, kv_heads, -1).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
     else:
-        q, k, v = F.linear(x, w[0], w[1]).split([attn.q_proj.out_features, *[attn.k_proj.out_features] * 2], -1)
-    q = q.view(batch, length, heads, -1).transpose(1, 2)
-    k = k.view(batch, length, kv_heads, -1).transpose(1, 2)
+        # q and k are side by side in the fused output: rotate them as one tensor of Hq + Hk heads, with
+        # transformers' rotary formula, elementwise the very same numbers in half the kernels
+        qkv = F.linear(x, w[0], w[1])
+        width = attn.q_proj.out_features + attn.k_proj.out_features
+        qk = qkv[..., :width].view(batch, length, heads + kv_heads, -1).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q, k = ((qk * cos) + (rotate_half(qk) * sin)).split([heads, kv_heads], 1)
+        v = qkv[..., width:]
     v = v.view(batch, length, kv_heads, -1).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
     return q, torch.stack((k, v))
 
 
