@@ -11,6 +11,7 @@ Inside a graph every kernel still costs a few microseconds however small it is, 
 number down:
 - the q/k/v projections read one fused matrix, and so do gate/up (`fuse_projections`): one large GEMV
   streams the weights closer to full bandwidth than three small ones;
+- q and k, side by side in that fused output, are rotated as one tensor (5 kernels a layer, not 10);
 - keys and values sit in one cache tensor and are written with one kernel per layer;
 - the attention mask is additive and kept up to date with one kernel per step, not rebuilt per layer.
 
