@@ -96,3 +96,19 @@ def test_each_id_costs_the_same_however_long_the_answer(tokenizer):
     finally:
         del tokenizer.decode
     assert len(ids) > 1000 and max(decoded_lengths) <= 8  # the previous piece as context, a split character
+
+
+def test_a_tokenizer_that_cleans_up_spaces_streams_the_text_uncleaned(tokenizer):
+    """An old tokenizer config may ask decode to remove spaces before punctuation; done per piece it would
+    lose characters at the cuts, so streaming shows the text as generated."""
+    text = "A red , blue . and green ! shape ? It 's here ."
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    force = "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"  # transformers 5, for BPE
+    tokenizer.clean_up_tokenization_spaces = True
+    setattr(tokenizer, force, True)
+    try:
+        assert tokenizer.decode(ids) != text  # the clean-up is on
+        assert stream(tokenizer, ids)[1][-1] == text
+    finally:
+        tokenizer.clean_up_tokenization_spaces = False
+        setattr(tokenizer, force, False)

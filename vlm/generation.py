@@ -145,9 +145,12 @@ class TextAssembler:
     def _decode(self, final: bool = False) -> None:
         """Append the text of the ids since `read` to `raw`, unless it ends in a split character (then
         they wait for the next id; `final`: the split character is dropped)."""
-        decode = self.tokenizer.decode
-        before = decode(self.ids[self.context : self.read], skip_special_tokens=True)
-        text = decode(self.ids[self.context :], skip_special_tokens=True)
+
+        def decode(ids: list[int]) -> str:  # no clean-up of spaces: it would not survive cutting the ids
+            return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+        before = decode(self.ids[self.context : self.read])
+        text = decode(self.ids[self.context :])
         if final:
             text = text.rstrip("\ufffd")
         elif text.endswith("\ufffd") or len(text) <= len(before):
