@@ -279,7 +279,8 @@ def test_overlapped_steps_give_the_same_tokens_with_at_most_one_step_to_spare(ti
 
     full, passes_plain = run(False)
     assert full.shape == (3, 12) and passes_plain == 12
-    assert torch.equal(run(True)[0], full) and run(True)[1] == 12
+    overlapped, passes_overlapped = run(True)
+    assert torch.equal(overlapped, full) and passes_overlapped == 12
     model.stop_ids = sorted({*model.stop_ids, *(int(full[row, 3 + row]) for row in range(3))})  # all stop early
     stopped, passes_plain = run(False)
     assert stopped.shape[1] < 12 and passes_plain == stopped.shape[1]

@@ -159,7 +159,7 @@ class TextAssembler:
         self.context, self.read = self.read, len(self.ids)
 
     def _text(self) -> str:
-        """The text so far with blocked words replaced."""
+        """The text so far with blocked words replaced (settling the part no later text can change)."""
         if self.blocked is None:
             return self.raw
         tail = self.raw[self.settled_raw :]
@@ -167,7 +167,7 @@ class TextAssembler:
         # the text up to there (or up to the end of such a match) is settled: later scans start after it.
         cut = len(tail) - self.longest_blocked
         if cut > 0:
-            for match in self.blocked.finditer(tail, 0, len(tail)):
+            for match in self.blocked.finditer(tail):
                 if match.start() >= cut:
                     break
                 cut = max(cut, match.end())

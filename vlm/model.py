@@ -303,7 +303,7 @@ class VisionLanguageModel(nn.Module):
         """Yield the next token ids (B,), on the CPU, step by step for left-padded prompts; finished rows yield
         pad. Stops when every row has produced a stop id or after `max_new_tokens`.
 
-        With `overlap_steps` (on a GPU), each step after the first is queued before its input token is
+        With `overlap_steps` (on a GPU), each decode step is queued before the token that feeds it is
         yielded: the device runs it while the caller handles the token."""
         from transformers import DynamicCache
 
