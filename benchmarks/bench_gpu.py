@@ -285,6 +285,60 @@ def auto_micro_batch(ours: VisionLanguageModel, device: torch.device, largest: i
     return {"micro_batch": batch, "gradient_checkpointing": checkpointing}
 
 
+def step_matrices(ours: VisionLanguageModel) -> list[torch.Tensor]:
+    """The weight matrices a single-stream decode step reads, as the step reads them: per layer the fused
+    q/k/v, the output projection, the fused gate/up and the down projection (the modules' own where a group
+    is not fused), then the LM head."""
+    from vlm.fast_decode import fuse_projections
+
+    matrices = []
+    for layer, (qkv, _, gate_up, _) in zip(ours.lm.get_decoder().layers, fuse_projections(ours.lm), strict=True):
+        attn, mlp = layer.self_attn, layer.mlp
+        matrices += [qkv] if qkv is not None else [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+        matrices.append(attn.o_proj.weight)
+        matrices += [gate_up] if gate_up is not None else [mlp.gate_proj.weight, mlp.up_proj.weight]
+        matrices.append(mlp.down_proj.weight)
+    return [m.detach() for m in matrices] + [ours.lm.get_output_embeddings().weight.detach()]
+
+
+@torch.inference_mode()
+def decode_floor(ours: VisionLanguageModel, device: torch.device, repeats: int) -> dict[str, Any]:
+    """The floor under a single-stream decode step: only its matrix-vector products, each as the step runs
+    it (`F.linear` of one row), back to back in one CUDA graph. Norms, rotary, attention, cache writes and
+    sampling come on top, so `tokens_per_s` is what decoding could reach if they cost nothing; `gemv_tb_s`
+    is the weights' bytes over that time and `copy_tb_s` a plain device copy's bandwidth, for scale. `mv_ms`
+    times the same products as `torch.mv`, which may pick other kernels."""
+    matrices = step_matrices(ours)
+    weight_bytes = sum(m.numel() * m.element_size() for m in matrices)
+    rows = [torch.randn((1, m.shape[1]), device=device, dtype=m.dtype) for m in matrices]
+
+    def products(product: Callable[[torch.Tensor, torch.Tensor], Any]) -> float:
+        def run() -> None:
+            for row, matrix in zip(rows, matrices, strict=True):
+                product(row, matrix)
+
+        if device.type == "cuda":
+            from vlm.fast_decode import _capture_graph
+
+            run = _capture_graph(run)[0].replay
+        return timed(run, device, repeats=max(repeats, 10), warmup=3)
+
+    step_s = products(torch.nn.functional.linear)
+    mv_s = products(lambda row, matrix: torch.mv(matrix, row[0]))  # another kernel choice for the same product
+    source = torch.empty(min(weight_bytes, 2**30) // 2, dtype=torch.bfloat16, device=device)
+    target = torch.empty_like(source)
+    copy_s = timed(lambda: target.copy_(source), device, repeats=max(repeats, 10), warmup=3)
+    copied_bytes = 2 * source.numel() * source.element_size()  # read and written
+    return {
+        "weights_gb": round(weight_bytes / 1e9, 2),
+        "gemv_ms": round(step_s * 1e3, 3),
+        "gemv_tb_s": round(weight_bytes / step_s / 1e12, 3),
+        "mv_ms": round(mv_s * 1e3, 3),
+        "copy_tb_s": round(copied_bytes / copy_s / 1e12, 3),
+        "tokens_per_s": round(1 / step_s, 1),
+    }
+
+
 @torch.inference_mode()
 def bench_generation(
     ours,
@@ -373,19 +427,26 @@ def bench_generation(
         "new_tokens": caption_tokens,
         "stock_images_per_s": round(caption_images / stock_s, 2),
     }
+    results["decode_floor"] = decode_floor(ours, device, repeats)
     for i, mode in enumerate(modes):
         key = "ours" if i == 0 else f"ours_{mode}"
         ours.decode_mode = mode
         sync(device)
         start = time.perf_counter()
-        ours_decode()  # the first call allocates the static cache, compiles (if asked) and captures the graph
+        stamps = ours_decode()  # the first call allocates the static cache, compiles (if asked), captures graphs
         results["first_fast_reply_s"][key] = round(time.perf_counter() - start, 2)
+        # of which: the prompt (its compile, the tower's capture) and the first step (its compile and capture)
+        results["first_fast_reply_s"][f"{key}_first_token"] = round(stamps[0] - start, 2)
+        results["first_fast_reply_s"][f"{key}_first_step"] = round(stamps[1] - stamps[0], 2)
         results["ttft_ms"][key] = round(timed(ours_first_token, device, repeats, warmup=2) * 1e3, 1)
         results["decode_tokens_per_s"][key] = round(rate(ours_decode), 1)
         ours_s = timed(ours_captions, device, repeats=2, warmup=1)
         results["batched_captioning"][f"{key}_images_per_s"] = round(caption_images / ours_s, 2)
         results["batched_captioning"][f"{key}_speedup"] = round(stock_s / ours_s, 3)
         results.setdefault("decode_modes", {})[key] = mode
+        results["decode_floor"][f"{key}_share"] = round(
+            results["decode_tokens_per_s"][key] / results["decode_floor"]["tokens_per_s"], 3
+        )
         if profile:
             results.setdefault("profile", {})[f"{key}_first_token"] = profiled(ours_first_token, device)
             results["profile"][f"{key}_16_tokens"] = profiled(ours_16_tokens, device)

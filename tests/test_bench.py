@@ -1,5 +1,5 @@
 """The GPU benchmark's --tiny mode (the same code on the CPU, printing JSON with both sides measured), its profile
-summary, and the operator count of a decode layer."""
+summary, the weights its decode floor reads, and the operator count of a decode layer."""
 
 from __future__ import annotations
 
@@ -35,17 +35,26 @@ def test_tiny_benchmark_runs_and_reports_both_sides(tmp_path):
     assert tiny["ttft_ms"]["ours"] > 0 and tiny["ttft_ms"]["stock"] > 0
     assert tiny["decode_tokens_per_s"]["ours"] > 0 and tiny["decode_tokens_per_s"]["stock"] > 0
     assert tiny["batched_captioning"]["ours_speedup"] > 0 and tiny["decode_modes"] == {"ours": "static"}
+    floor = tiny["decode_floor"]
+    assert floor["gemv_ms"] > 0 and floor["copy_tb_s"] > 0 and floor["ours_share"] > 0
+    reply = tiny["first_fast_reply_s"]
+    assert 0 <= reply["ours_first_token"] + reply["ours_first_step"] <= reply["ours"]
     profile = tiny["profile"]
     assert set(profile) == {"ours_first_token", "ours_16_tokens", "stock_first_token"}
     assert all(p["wall_ms"] > 0 and len(p["heaviest"]) == 8 for p in profile.values())
 
 
-def test_profile_summary_counts_each_kernel_once():
-    """A GPU profile lists a kernel twice: as its own row and inside the host op that launched it. The summary
-    reads the kernel rows only, so device time, launches and the heaviest list are the kernels'."""
+def load_bench():
     spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_profile_summary_counts_each_kernel_once():
+    """A GPU profile lists a kernel twice: as its own row and inside the host op that launched it. The summary
+    reads the kernel rows only, so device time, launches and the heaviest list are the kernels'."""
+    bench = load_bench()
 
     def row(key, device_type, count, device_us, cpu_us=0):
         return SimpleNamespace(
@@ -81,3 +90,19 @@ def test_a_decode_layer_dispatches_at_most_32_operators():
     for name in ("prefill", "step"):
         assert report[name]["ops_per_layer"] <= 32, report[name]
         assert report[name]["per_layer_by_op"]["neg"] == 1  # one rotate_half per layer
+
+
+def test_decode_floor_reads_every_projection_once_and_the_lm_head():
+    """The floor's matrices are exactly the weights a step streams: every linear layer of the decoder (fused
+    q/k/v and gate/up count once, as the row blocks they are) and the LM head, and no embedding or norm."""
+    import torch
+
+    bench = load_bench()
+    ours, _ = bench.build("tiny", torch.device("cpu"), torch.float32)
+    matrices = bench.step_matrices(ours)
+    decoder = ours.lm.get_decoder()
+    linears = [m.weight for m in decoder.layers.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(matrices) == 4 * len(decoder.layers) + 1  # fused: q/k/v, o, gate/up, down per layer; the head
+    assert sum(m.numel() for m in matrices) == sum(w.numel() for w in linears) + ours.lm.lm_head.weight.numel()
+    assert matrices[-1].data_ptr() == ours.lm.lm_head.weight.data_ptr()
+    assert {m.data_ptr() for m in matrices[:-1]} <= {w.data_ptr() for w in linears}  # the model's own storage
