@@ -11,6 +11,7 @@ import base64
 import ctypes
 import itertools
 import json
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -112,6 +113,7 @@ def test_llava_hf_export_loads_with_transformers(hf_export):
     stop_ids = sorted(model.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
     assert sorted(generation.eos_token_id) == stop_ids
     assert image_id in generation.suppress_tokens
+    assert generation.max_new_tokens == 256  # vlm's default, not transformers' 20 new tokens
     readme = (out / "README.md").read_text()
     assert "32x32 pixels are preprocessed identically" in readme and model.config.system_prompt in readme
     with torch.no_grad():  # the weights are ours
@@ -455,7 +457,9 @@ def test_gguf_mmproj_has_llama_cpp_names_and_metadata(tiny_model, tiny_adapter, 
 
 
 def test_gguf_mmproj_converts_open_clip_towers(open_clip_adapter, tmp_path):
-    path = export_gguf_mmproj(open_clip_adapter, tmp_path / "mmproj.gguf", ftype="f32")
+    # this tower's mean (0.5) pads with grey in vlm; llama.cpp pads with OpenAI CLIP's mean whatever the GGUF says
+    with pytest.warns(UserWarning, match=r"pads non-square images with the tower's mean colour \(127, 127, 127\)"):
+        path = export_gguf_mmproj(open_clip_adapter, tmp_path / "mmproj.gguf", ftype="f32")
     reader = gguf.GGUFReader(path)
     fields = _gguf_fields(reader)
     assert fields["clip.use_gelu"] is True  # open_clip's default nn.GELU
@@ -742,3 +746,78 @@ def test_toy_adapter_in_llama_cpp_names_the_right_attributes(toy_adapter, toy_wo
         f"(per attribute {per_attribute}); vlm itself: {ours}/{len(records)}"
     )
     assert correct / len(records) >= 0.9
+
+
+# --------------------------------------------------------------------------------------------------
+# Nothing written over, nothing half-written
+
+
+def test_exports_and_imports_never_write_over_existing_work(tiny_adapter, tiny_lm_path, tiny_clip_path, tmp_path):
+    lm_gguf = tmp_path / "lm.Q5_K_M.gguf"
+    lm_gguf.write_bytes(b"GGUF the language model")
+    with pytest.raises(ConfigError, match="already exists"):
+        export_gguf_mmproj(tiny_adapter, lm_gguf)  # a slip of the output name
+    assert lm_gguf.read_bytes() == b"GGUF the language model"
+    with pytest.raises(ConfigError, match="already exists"):
+        export_gguf_mmproj(tiny_adapter, tmp_path)  # a directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lm.Q5_K_M.gguf"]
+
+    _llava_projector_file(tmp_path / "mm_projector.bin", [32, 64, 64])
+    trained = tmp_path / "trained"
+    shutil.copytree(tiny_adapter, trained)
+    before = {p.name: p.read_bytes() for p in trained.iterdir()}
+    with pytest.raises(ConfigError, match="not an empty directory"):
+        import_llava(tmp_path / "mm_projector.bin", vision_tower=str(tiny_clip_path), lm=str(tiny_lm_path), out=trained)
+    assert {p.name: p.read_bytes() for p in trained.iterdir()} == before
+
+
+def test_import_llava_makes_a_movable_adapter_and_refuses_what_it_cannot_use(
+    tiny_lm_path, tiny_open_clip_path, tiny_dir, tmp_path, monkeypatch
+):
+    _llava_projector_file(tmp_path / "mm_projector.bin", [32, 64, 64])
+    monkeypatch.chdir(tiny_dir)  # backbones given by relative paths
+    adapter = import_llava(
+        tmp_path / "mm_projector.bin",
+        vision_tower=f"local-dir:{tiny_open_clip_path.name}",
+        vision_backend="open_clip",
+        lm=tiny_lm_path.name,
+        out=tmp_path / "imported",
+    )
+    monkeypatch.chdir(tmp_path)
+    config = vlm.AdapterConfig.load(adapter)
+    assert config.vision_tower == f"local-dir:{tiny_open_clip_path.resolve()}" and config.lm == str(tiny_lm_path)
+    assert vlm.load(adapter, device="cpu").vision.hidden_size == 32  # loads from another working directory
+
+    # a bare open_clip architecture name would be a randomly initialised tower
+    with pytest.raises(ConfigError, match=r"bare architecture name.*--vision-pretrained"):
+        import_llava(
+            tmp_path / "mm_projector.bin", vision_tower="ViT-B-32", vision_backend="open_clip",
+            lm=str(tiny_lm_path), out=tmp_path / "random-tower",
+        )  # fmt: skip
+    # a LLaVA (or other composite) checkpoint where the LM belongs
+    llava = tmp_path / "llava-config"
+    llava.mkdir()
+    (llava / "config.json").write_text(json.dumps({"model_type": "llava", "text_config": {"model_type": "llama"}}))
+    with pytest.raises(ConfigError, match="is a LlavaConfig, not a plain causal LM"):
+        import_llava(
+            tmp_path / "mm_projector.bin", vision_tower=f"local-dir:{tiny_open_clip_path}", vision_backend="open_clip",
+            lm=str(llava), out=tmp_path / "composite",
+        )  # fmt: skip
+    assert not (tmp_path / "random-tower").exists() and not (tmp_path / "composite").exists()
+
+
+def test_cli_exports_llava_hf_in_the_lm_checkpoints_dtype(tiny_lm_path, tiny_clip_path, tmp_path, capsys):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vlm.cli import main
+
+    lm = tmp_path / "lm-bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_lm_path, dtype=torch.bfloat16).save_pretrained(lm)
+    AutoTokenizer.from_pretrained(tiny_lm_path).save_pretrained(lm)
+    adapter = make_adapter(tmp_path / "adapter", lm, tiny_clip_path)
+    with pytest.warns(UserWarning, match="preprocessed identically"):
+        assert main(["export", str(adapter), "--to", "llava-hf", str(tmp_path / "out")]) == 0
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+    assert dtypes == {"BF16"}

@@ -132,9 +132,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from vlm import export
 
-    model = _load(args) if args.to == "llava-hf" else None
     if args.to == "llava-hf":
-        out = export.export_llava_hf(model, args.out)
+        if args.dtype is None:  # the checkpoint's own precision: a bf16 LM is not written out as float32
+            args.dtype = export.lm_checkpoint_dtype(args.model)
+        out = export.export_llava_hf(_load(args), args.out)
     else:
         out = export.export_gguf_mmproj(args.model, args.out)
     print(out)
@@ -145,7 +146,12 @@ def cmd_import_llava(args: argparse.Namespace) -> int:
     from vlm import export
 
     out = export.import_llava(
-        args.projector, vision_tower=args.vision, lm=args.lm, out=args.out, vision_backend=args.vision_backend
+        args.projector,
+        vision_tower=args.vision,
+        lm=args.lm,
+        out=args.out,
+        vision_backend=args.vision_backend,
+        vision_pretrained=args.vision_pretrained,
     )
     print(out)
     return 0
@@ -191,13 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=["llava-hf", "gguf-mmproj"], required=True)
     p.add_argument("out", help="output directory (llava-hf) or .gguf file (gguf-mmproj)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--dtype", default=None, help="llava-hf weights' dtype (default: the LM checkpoint's)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import-llava", help="make an adapter from an original LLaVA mm_projector file")
     p.add_argument("projector", help="mm_projector.bin or .safetensors")
     p.add_argument("--vision", required=True, help="vision tower (hub id, path, or open_clip name)")
     p.add_argument("--vision-backend", choices=["hf", "open_clip"], default="hf")
+    p.add_argument(
+        "--vision-pretrained", default=None, help="open_clip: pretrained tag (openai) or checkpoint for a model name"
+    )
     p.add_argument("--lm", required=True, help="causal LM (hub id or path)")
     p.add_argument("out", help="output adapter directory")
     p.set_defaults(func=cmd_import_llava)

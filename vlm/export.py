@@ -27,6 +27,7 @@ from torch import nn
 
 from vlm.config import PROJECTOR_NAME, AdapterConfig
 from vlm.errors import ConfigError
+from vlm.generation import GenerationOptions
 from vlm.model import VisionLanguageModel, resolve_reference
 from vlm.projector import load_llava_projector
 from vlm.vision import HFCLIPTower, OpenCLIPTower, VisionTower, build_vision_tower
@@ -40,6 +41,7 @@ __all__ = [
     "to_llava_hf",
 ]
 
+LLAMA_CPP_PAD_COLOUR = (122, 116, 104)  # llama.cpp's fixed pad colour for LLaVA-1.5 mmprojs (clip.cpp)
 SUPPORTED_OPEN_CLIP = (
     "open_clip ViT towers laid out like OpenAI's CLIP (VisionTransformer with a class token, ln_pre, "
     "standard residual blocks with nn.MultiheadAttention, no layer scale, QuickGELU or GELU MLPs, "
@@ -169,6 +171,27 @@ def _check_two_layer_projector(config: AdapterConfig, target: str) -> None:
 
 
 @torch.no_grad()
+def lm_checkpoint_dtype(adapter_dir: str | Path) -> str:
+    """The dtype the adapter's LM checkpoint is stored in (its config's `dtype`), `float32` when it names none:
+    what an export should write, so a bf16 14B is not loaded and saved at twice its size."""
+    from transformers import AutoConfig
+
+    config = AdapterConfig.load(adapter_dir)
+    try:
+        lm_config = AutoConfig.from_pretrained(resolve_reference(config.lm, Path(adapter_dir)))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"could not read the config of the LM {config.lm!r}: {e}") from e
+    dtype = getattr(lm_config, "dtype", None) or getattr(lm_config, "torch_dtype", None)
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def _empty_output(out: Path) -> None:
+    """Refuse to write over anything: an existing adapter, model or file at `out` is somebody's work."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} already exists and is not an empty directory; choose a new output path")
+
+
 def to_llava_hf(model: VisionLanguageModel) -> Any:
     """A `transformers.LlavaForConditionalGeneration` computing the same function as `model`.
 
@@ -311,6 +334,7 @@ def _generation_config(model: VisionLanguageModel) -> Any:
         # The image slot and embedding rows with no token behind them are never generated (as in vlm).
         suppress_tokens=list(model.suppress_ids),
         do_sample=False,
+        max_new_tokens=GenerationOptions.max_new_tokens,  # vlm's default, not transformers' 20
     )
 
 
@@ -370,8 +394,7 @@ def export_llava_hf(model: VisionLanguageModel, out: str | Path) -> Path:
     from transformers import LlavaProcessor
 
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out} already exists and is not an empty directory; choose a new output directory")
+    _empty_output(out)
     llava = to_llava_hf(model)
     llava.generation_config = _generation_config(model)
     tokenizer = _tokenizer_with_image_token(model)
@@ -461,12 +484,13 @@ def export_gguf_mmproj(adapter_dir: str | Path, out_path: str | Path, *, ftype: 
     The LM is not loaded. Raises ConfigError for adapters llama.cpp cannot run (CLS features, projectors
     other than mlp2x_gelu, towers with no CLIP equivalent).
     """
-    import gguf
     from safetensors.torch import load_file
 
     adapter_dir, out_path = Path(adapter_dir), Path(out_path)
     if ftype not in ("f16", "f32"):
         raise ConfigError(f"ftype must be 'f16' or 'f32', got {ftype!r}")
+    if out_path.exists():  # a GGUF of the LM, an earlier mmproj: never written over
+        raise ConfigError(f"{out_path} already exists; choose a new file name or remove it first")
     config = AdapterConfig.load(adapter_dir)
     _check_two_layer_projector(config, "llama.cpp's LLaVA mmproj")
     if config.select_feature != "patch":
@@ -477,17 +501,58 @@ def export_gguf_mmproj(adapter_dir: str | Path, out_path: str | Path, *, ftype: 
     projector = load_file(str(projector_file))
     tower = build_vision_tower(config, resolve_reference(config.vision_tower, adapter_dir))
     vision = _hf_vision_model(tower)
+    feature_layer = config.select_layer % (vision.config.num_hidden_layers + 1)  # hidden-state index, 0 = embeddings
+    for warning in _llama_cpp_preprocessing(tower):
+        warnings.warn(warning, stacklevel=2)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_path.with_name(out_path.name + ".partial")
+    try:
+        _write_mmproj(staging, config, tower, vision, projector, feature_layer, ftype)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    staging.replace(out_path)
+    return out_path
+
+
+def _llama_cpp_preprocessing(tower: VisionTower) -> list[str]:
+    """How llama.cpp's preprocessing of LLaVA-1.5 mmprojs will differ from vlm's for this tower: it pads to a
+    square with a fixed colour (OpenAI CLIP's mean), whatever the GGUF's image mean says (checked with the
+    llama.cpp in llama-cpp-python 0.3.36)."""
+    notes = []
+    if tower.aspect != "pad":
+        notes.append(
+            f"this adapter's images are {tower.aspect!r}-ed to a square, but llama.cpp pads them: non-square images "
+            "will be seen differently than in training"
+        )
+    pad = tuple(int(m * 255) for m in tower.mean)
+    if tower.aspect == "pad" and pad != LLAMA_CPP_PAD_COLOUR:
+        notes.append(
+            f"vlm pads non-square images with the tower's mean colour {pad}, but llama.cpp pads with "
+            f"{LLAMA_CPP_PAD_COLOUR}: square images are unaffected, others get a different border"
+        )
+    return notes
+
+
+def _write_mmproj(
+    path: Path,
+    config: AdapterConfig,
+    tower: VisionTower,
+    vision: Any,
+    projector: Mapping[str, torch.Tensor],
+    feature_layer: int,
+    ftype: str,
+) -> None:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch="clip")
     vc = vision.config
-    feature_layer = config.select_layer % (vc.num_hidden_layers + 1)  # hidden-state index, 0 = embeddings
     lm_hidden = projector["2.weight"].shape[0]
 
     def array(name: str, tensor: torch.Tensor) -> Any:
         half = ftype == "f16" and tensor.ndim >= 2 and name.endswith(".weight")
         return tensor.detach().to("cpu", torch.float16 if half else torch.float32).contiguous().numpy()
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_path.with_name(out_path.name + ".partial")
-    writer = gguf.GGUFWriter(str(staging), arch="clip")
     writer.add_type(gguf.GGUFType.MMPROJ)
     writer.add_name(Path(config.vision_tower.removeprefix("local-dir:")).name or "vlm-adapter")
     writer.add_description(f"image encoder for LLaVA: {config.vision_tower} + vlm {config.projector_type} projector")
@@ -516,8 +581,6 @@ def export_gguf_mmproj(adapter_dir: str | Path, out_path: str | Path, *, ftype: 
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    staging.replace(out_path)
-    return out_path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -549,8 +612,11 @@ def _vision_width(vision_tower: str, vision_backend: str, vision_pretrained: str
 
 
 def _reference(name: str) -> str:
-    """An existing local path becomes absolute (the adapter may be moved); hub ids are kept as they are."""
-    return str(Path(name).resolve()) if Path(name).exists() else name
+    """An existing local path becomes absolute (the adapter may be moved), after open_clip's `local-dir:`
+    prefix too; hub ids, `hf-hub:` names and pretrained tags are kept as they are."""
+    prefix = "local-dir:" if name.startswith("local-dir:") else ""
+    path = Path(name.removeprefix(prefix))
+    return prefix + str(path.resolve()) if path.exists() else name
 
 
 def import_llava(
@@ -573,6 +639,7 @@ def import_llava(
     from transformers import AutoConfig
 
     projector_path, out = Path(projector_path), Path(out)
+    _empty_output(out)
     state = load_llava_projector(projector_path)
     projector_type = _projector_type(state, projector_path)
     lm_dim, vision_dim = state["0.weight"].shape
@@ -587,9 +654,15 @@ def import_llava(
             "use the vision tower the projector was trained with"
         )
     try:
-        lm_hidden = AutoConfig.from_pretrained(lm).hidden_size
-    except OSError as e:
+        lm_config = AutoConfig.from_pretrained(lm)
+    except (OSError, ValueError) as e:
         raise ConfigError(f"could not read the config of the LM {lm!r}: {e}") from e
+    lm_hidden = getattr(lm_config, "hidden_size", None)
+    if lm_hidden is None or lm_config.get_text_config() is not lm_config:
+        raise ConfigError(
+            f"{lm!r} is a {type(lm_config).__name__}, not a plain causal LM; give the language model itself "
+            "(a LlamaForCausalLM checkpoint such as CausalLM/14B)"
+        )
     if lm_hidden != lm_dim:
         raise ConfigError(
             f"the projector outputs {lm_dim}-d embeddings but {lm!r} has {lm_hidden}-d hidden states; "
@@ -597,16 +670,22 @@ def import_llava(
         )
     config = AdapterConfig(
         lm=_reference(lm),
-        vision_tower=vision_tower if vision_backend == "open_clip" else _reference(vision_tower),
+        # an open_clip name is a path only after `local-dir:`
+        vision_tower=_reference(vision_tower) if vision_backend == "hf" or ":" in vision_tower else vision_tower,
         vision_backend=vision_backend,
-        vision_pretrained=vision_pretrained,
+        vision_pretrained=None if vision_pretrained is None else _reference(vision_pretrained),
         projector_type=projector_type,
         vision_hidden_size=vision_dim,
         lm_hidden_size=lm_dim,
         extra={"imported_from": str(projector_path.resolve())},
     )
-    out.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(out.name + ".partial")  # written whole, then renamed: never half an adapter at `out`
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     weights = {key: tensor.to(torch.float32).contiguous() for key, tensor in state.items()}
-    save_file(weights, str(out / PROJECTOR_NAME), metadata={"format": "pt"})
-    config.save(out)
+    save_file(weights, str(staging / PROJECTOR_NAME), metadata={"format": "pt"})
+    config.save(staging)
+    if out.exists():
+        out.rmdir()  # empty (checked above)
+    staging.rename(out)
     return out

@@ -150,6 +150,13 @@ class OpenCLIPTower(VisionTower):
         import open_clip
         from open_clip.transformer import VisionTransformer
 
+        if pretrained is None and not name.startswith(("hf-hub:", "local-dir:")):
+            # open_clip would build the tower with random weights and only log a warning
+            raise ConfigError(
+                f"open_clip model {name!r} is a bare architecture name: give its weights as a pretrained tag "
+                "(`openai`) or checkpoint file (vision_pretrained, `--vision-pretrained`), or name the tower "
+                "`hf-hub:org/repo` or `local-dir:/path`"
+            )
         try:
             clip = open_clip.create_model(name, pretrained=pretrained, device="cpu")
         except (OSError, RuntimeError, ValueError) as e:
