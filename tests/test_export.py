@@ -168,6 +168,25 @@ def test_chat_template_escapes_the_default_system_prompt():
     assert text == f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
 
 
+def test_chat_template_loops_over_each_messages_content():
+    """Servers such as vLLM decide whether a template takes OpenAI-style lists of parts (images where the user put
+    them) or flattened strings by looking for a loop over `message['content']` inside the loop over `messages`."""
+    import jinja2.nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    tree = ImmutableSandboxedEnvironment().parse(chatml_template("sys"))
+    loops = list(tree.find_all(jinja2.nodes.For))
+    over_messages = [loop.target.name for loop in loops if getattr(loop.iter, "name", None) == "messages"]
+    over_content = [
+        loop
+        for loop in loops
+        if isinstance(loop.iter, jinja2.nodes.Getitem)
+        and getattr(loop.iter.node, "name", None) in over_messages
+        and getattr(loop.iter.arg, "value", None) == "content"
+    ]
+    assert over_messages == ["message"] and len(over_content) == 1
+
+
 def test_processor_inputs_equal_ours_for_tower_sized_images(hf_export, tmp_path):
     from transformers import AutoProcessor
 

@@ -266,7 +266,16 @@ def chatml_template(default_system: str, image_token: str = "<image>") -> str:
             {{{{- raise_exception('a system message may only come first') -}}}}
         {{%- endif -%}}
     {{%- else -%}}
-        {{{{- '<|im_start|>' + message['role'] + '\\n' + render(message['content']) + '<|im_end|>\\n' -}}}}
+        {{{{- '<|im_start|>' + message['role'] + '\\n' -}}}}
+        {{%- if message['content'] is string -%}}
+            {{{{- message['content'] -}}}}
+        {{%- elif message['content'] is not none -%}}
+            {{#- a loop over message['content'] itself, which servers read as "takes a list of parts" -#}}
+            {{%- for part in message['content'] -%}}
+                {{{{- render([part]) -}}}}
+            {{%- endfor -%}}
+        {{%- endif -%}}
+        {{{{- '<|im_end|>\\n' -}}}}
     {{%- endif -%}}
 {{%- endfor -%}}
 {{%- if add_generation_prompt -%}}
