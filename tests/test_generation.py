@@ -37,7 +37,9 @@ def stream(tokenizer, ids, stop=(), blocked=()):
 
 
 def filtered(text, blocked):
-    pattern = re.compile("|".join(re.escape(w) for w in sorted(blocked, key=len, reverse=True)), re.IGNORECASE)
+    """Whole-word replacement, for blocked words that start and end with a letter."""
+    words = sorted(blocked, key=len, reverse=True)
+    pattern = re.compile("|".join(rf"\b{re.escape(w)}\b" for w in words), re.IGNORECASE)
     return pattern.sub(FILTERED, text)
 
 
@@ -66,6 +68,25 @@ def test_blocked_words_are_never_shown_even_in_part(tokenizer):
     assert shown[-1] == expected
     assert "badword" not in expected.lower() and expected.count(FILTERED) == 9
     assert all(expected.startswith(text) for text in shown)  # nothing shown is ever taken back
+
+
+def test_blocked_words_are_whole_words(tokenizer):
+    text = "The class assistant passed. Ass, ASS! a bad-ass idea"
+    _, shown, _ = stream(tokenizer, tokenizer.encode(text, add_special_tokens=False), blocked=["ass"])
+    assert shown[-1] == f"The class assistant passed. {FILTERED}, {FILTERED}! a bad-{FILTERED} idea"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_overlapping_blocked_words_stream_as_the_whole_text_filters(tokenizer, seed):
+    """A blocked word inside another, a word that runs on into a longer one, matches split across ids: what is
+    shown never changes afterwards and ends as the whole text filtered at once."""
+    rng = random.Random(seed)
+    words = ["hell", "shellfish", "shell", "fish", "red", "red circle", "circle", "circles", "a", "sel", "fishy"]
+    blocked = rng.sample(["hell", "shellfish", "fish", "red circle", "circle", "sel", "a"], 3)
+    text = " ".join(rng.choice(words) for _ in range(80)) + rng.choice(["", ".", " shell"])
+    _, shown, _ = stream(tokenizer, tokenizer.encode(text, add_special_tokens=False), blocked=blocked)
+    assert shown[-1] == filtered(text, blocked)
+    assert all(shown[-1].startswith(part) for part in shown)
 
 
 def test_stop_string_ends_the_answer_before_it(tokenizer):

@@ -113,11 +113,21 @@ def test_over_long_input_is_refused_before_compute(tiny_adapter, rgb_images):
 
 @pytest.mark.parametrize(
     "options",
-    [{"temperature": -1}, {"top_p": 0}, {"max_new_tokens": 0}, {"top_k": -2}, {"colour": "red"}],
-)
+    [
+        {"temperature": -1}, {"top_p": 0}, {"max_new_tokens": 0}, {"top_k": -2}, {"colour": "red"},
+        {"max_new_tokens": 2.5}, {"temperature": "0.7"}, {"stop": 5}, {"blocked_words": [None]}, {"seed": "1"},
+    ],
+)  # fmt: skip
 def test_bad_generation_options(tiny_model, rgb_images, options):
     with pytest.raises(VLMError):
         tiny_model.caption(rgb_images[0], **options)
+
+
+def test_whole_numbers_are_fine_where_floats_are_meant(tiny_model, rgb_images):
+    """transformers' processors refuse an int temperature or penalty; the options turn them into floats."""
+    assert tiny_model.caption(rgb_images[0], temperature=1, seed=0, repetition_penalty=2, max_new_tokens=3) == (
+        tiny_model.caption(rgb_images[0], temperature=1.0, seed=0, repetition_penalty=2.0, max_new_tokens=3)
+    )
 
 
 def test_open_clip_tower_selects_the_right_block(tiny_dir, tiny_lm_path, tiny_open_clip_path, rgb_images):

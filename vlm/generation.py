@@ -6,6 +6,7 @@ model: choosing the next token from logits and turning a growing list of ids int
 
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,7 @@ class GenerationOptions:
     still appear (spelled with other tokens) are replaced by `[filtered]`."""
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.max_new_tokens < 1:
             raise VLMError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -54,12 +56,31 @@ class GenerationOptions:
             raise VLMError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise VLMError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if isinstance(self.blocked_words, str):
-            self.blocked_words = [self.blocked_words]
         self.stop = [s for s in self.stop if s]
         self.blocked_words = [w for w in (w.strip() for w in self.blocked_words) if w]
+
+    def _check_types(self) -> None:
+        """Whole numbers where counts are meant, floats (2 is 2.0) for the rest, strings for stop and blocked
+        words (one string is a list of one): a wrong type is a VLMError naming the option, not a failure deep in
+        the sampling code."""
+        for name in ("max_new_tokens", "top_k", "seed"):
+            value = getattr(self, name)
+            if value is None and name == "seed":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise VLMError(f"{name} must be a whole number, got {value!r}")
+            setattr(self, name, int(value))
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise VLMError(f"{name} must be a number, got {value!r}")
+            setattr(self, name, float(value))
+        for name in ("stop", "blocked_words"):
+            value = getattr(self, name)
+            value = [] if value is None else [value] if isinstance(value, str) else value
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise VLMError(f"{name} must be a string or a list of strings, got {value!r}")
+            setattr(self, name, list(value))
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> GenerationOptions:
@@ -114,6 +135,19 @@ class TokenSelector:
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
 
 
+def _blocked_pattern(words: list[str]) -> re.Pattern[str] | None:
+    """Any of `words`, case-insensitively, as whole words: a word that starts (ends) with a letter or digit
+    does not match right after (before) another one, so blocking "ass" leaves "class" alone."""
+    if not words:
+        return None
+    forms = []
+    for word in sorted(words, key=len, reverse=True):
+        before = r"(?<!\w)" if re.match(r"\w", word[0]) else ""
+        after = r"(?!\w)" if re.match(r"\w", word[-1]) else ""
+        forms.append(before + re.escape(word) + after)
+    return re.compile("|".join(forms), re.IGNORECASE)
+
+
 class TextAssembler:
     """Turns generated ids into text pieces that are safe to show as they arrive.
 
@@ -132,15 +166,11 @@ class TextAssembler:
         self.read = 0
         self.emitted = 0  # characters of the filtered text already handed out
         self.stopped = False
-        self.blocked = (
-            re.compile("|".join(re.escape(w) for w in sorted(blocked_words, key=len, reverse=True)), re.IGNORECASE)
-            if blocked_words
-            else None
-        )
+        self.blocked = _blocked_pattern(blocked_words)
         self.longest_blocked = max((len(w) for w in blocked_words), default=0)
         self.settled = ""  # the filtered text of raw[: settled_raw], which no later text can change
         self.settled_raw = 0
-        self.hold = max([len(s) for s in stop] + [len(w) for w in blocked_words] + [1]) - 1
+        self.hold = max([len(s) for s in stop] + [1]) - 1  # a stop string may be starting in the last `hold`
 
     def _decode(self, final: bool = False) -> None:
         """Append the text of the ids since `read` to `raw`, unless it ends in a split character (then
@@ -158,23 +188,32 @@ class TextAssembler:
         self.raw += text[len(before) :]
         self.context, self.read = self.read, len(self.ids)
 
+    def _filter(self, start: int, end: int | None = None) -> tuple[str, int]:
+        """raw[start:] with blocked words replaced, scanning only matches that start before `end` -> (text, where
+        it stops in raw: `end`, or the end of a match that runs past it). Matches are looked for in `raw` itself,
+        so a word's boundaries see the characters before `start`."""
+        raw, pieces, at = self.raw, [], start
+        for match in self.blocked.finditer(raw, start):
+            if end is not None and match.start() >= end:
+                break
+            pieces += [raw[at : match.start()], FILTERED]
+            at = match.end()
+        stop = len(raw) if end is None else max(end, at)
+        pieces.append(raw[at:stop])
+        return "".join(pieces), stop
+
     def _text(self) -> str:
         """The text so far with blocked words replaced (settling the part no later text can change)."""
         if self.blocked is None:
             return self.raw
-        tail = self.raw[self.settled_raw :]
-        # A match starting at least `longest_blocked` characters before the end cannot change any more, so
-        # the text up to there (or up to the end of such a match) is settled: later scans start after it.
-        cut = len(tail) - self.longest_blocked
-        if cut > 0:
-            for match in self.blocked.finditer(tail):
-                if match.start() >= cut:
-                    break
-                cut = max(cut, match.end())
-            self.settled += self.blocked.sub(FILTERED, tail[:cut])
-            self.settled_raw += cut
-            tail = tail[cut:]
-        return self.settled + self.blocked.sub(FILTERED, tail)
+        # Whether a match starts at some position depends on at most `longest_blocked` characters from there and
+        # one on each side. So everything before `cut` (and a match that starts there) is decided for good, and
+        # later scans start after it.
+        cut = len(self.raw) - self.longest_blocked - 1
+        if cut > self.settled_raw:
+            text, self.settled_raw = self._filter(self.settled_raw, cut)
+            self.settled += text
+        return self.settled + self._filter(self.settled_raw)[0]
 
     def add(self, token_id: int) -> str:
         """Feed one id; returns the text that can be shown now (maybe empty). Sets `stopped`."""
@@ -186,7 +225,10 @@ class TextAssembler:
             if at != -1:
                 self.stopped = True
                 return self._emit(text[:at])
-        return self._emit(text[: max(self.emitted, len(text) - self.hold)])
+        ready = len(text) - self.hold
+        if self.blocked is not None:  # a replacement changes the length: only the settled text is final
+            ready = min(ready, len(self.settled))
+        return self._emit(text[: max(self.emitted, ready)])
 
     def finish(self) -> str:
         """The rest of the text once generation has ended."""
