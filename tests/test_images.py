@@ -303,6 +303,15 @@ def test_binary_file_object_input(tmp_path):
     path = write(tmp_path, "x.png", encode(Image.new("RGB", (2, 2), RED), "PNG"))
     with open(path, "rb") as fh:
         assert px(load_image(fh), (0, 0)) == RED
+        assert px(load_image(fh), (0, 0)) == RED  # read again (a chat's history comes back every turn)
+
+
+def test_a_seekable_stream_is_read_from_where_it_stands_and_put_back():
+    data = encode(Image.new("RGB", (2, 2), RED), "PNG")
+    buf = io.BytesIO(b"header" + data)
+    buf.seek(6)
+    assert px(load_image(buf), (0, 0)) == RED
+    assert buf.tell() == 6 and px(load_image(buf), (0, 0)) == RED
 
 
 def test_pil_rgba_input_is_not_modified():

@@ -63,6 +63,28 @@ def test_stream_equals_plain_and_batch_equals_single(tiny_model, rgb_images):
     assert tiny_model.caption_batch(rgb_images, batch_size=2, max_new_tokens=8) == singles
 
 
+def test_an_unfinished_stream_is_an_error_in_its_thread_and_a_wait_in_others(tiny_model, rgb_images):
+    """A stream the caller stopped reading (but still holds) keeps the model; the same thread would wait for itself
+    forever, so it gets an error saying what to do, while another thread waits for the stream to be closed."""
+    import threading
+
+    messages = [{"role": "user", "content": [{"type": "image", "image": rgb_images[0]}, "What is it?"]}]
+    expected = tiny_model.chat(messages, max_new_tokens=6)
+    stream = tiny_model.chat(messages, stream=True, max_new_tokens=6)
+    next(stream)
+    with pytest.raises(VLMError, match="Read that stream to the end or call its close"):
+        tiny_model.chat(messages, max_new_tokens=6)
+    answers = []
+    waiting = threading.Thread(target=lambda: answers.append(tiny_model.chat(messages, max_new_tokens=6)))
+    waiting.start()
+    waiting.join(timeout=1.0)
+    assert waiting.is_alive() and not answers  # its turn has not come
+    stream.close()
+    waiting.join(timeout=60)
+    assert answers == [expected]
+    assert tiny_model.chat(messages, max_new_tokens=6) == expected  # and this thread may generate again
+
+
 def test_stop_strings_cut_the_output(tiny_model, rgb_images):
     full = tiny_model.caption(rgb_images[1], max_new_tokens=16)
     stop = full[len(full) // 2 : len(full) // 2 + 2]

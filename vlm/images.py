@@ -179,8 +179,14 @@ def _read_path(source: str | os.PathLike[Any], max_bytes: int) -> tuple[bytes, s
 
 
 def _read_stream(stream: Any, max_bytes: int) -> bytes:
+    """The stream's bytes from where it stands; a seekable stream is put back there afterwards, so the same
+    file object can be given again (a chat's history is sent again with every turn)."""
     chunks: list[bytes] = []
     total = 0
+    try:
+        start = stream.tell() if callable(getattr(stream, "seekable", None)) and stream.seekable() else None
+    except (OSError, ValueError):
+        start = None
     try:
         while total <= max_bytes:
             chunk = stream.read(max_bytes + 1 - total)
@@ -195,6 +201,12 @@ def _read_stream(stream: Any, max_bytes: int) -> bytes:
         raise
     except Exception as exc:  # OSError, ValueError (closed file), TypeError, MemoryError, ...
         raise ImageError(f"cannot read image file object: {type(exc).__name__}: {exc}") from exc
+    finally:
+        if start is not None:
+            try:
+                stream.seek(start)
+            except (OSError, ValueError):
+                pass
     if total > max_bytes:
         raise ImageError(f"image data is too large: over max_bytes={max_bytes}")
     if total == 0:

@@ -11,6 +11,7 @@ import inspect
 import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,8 @@ class VisionLanguageModel(nn.Module):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         # transformers renamed `past_key_values` to `cache`; use whichever this version's LM takes.
         self._cache_kwarg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one generation at a time per model: the KV cache and GPU are shared
+        self._lock_owner: int | None = None  # the thread whose generation holds it
         self.decode_mode = "auto"
         """`auto` (static cache + CUDA graph on GPU for Llama LMs, else plain), `cuda_graph`, `static`
         (static cache without graph capture), `compiled` (as `cuda_graph` on GPU, with each decoder layer's
@@ -418,8 +420,24 @@ class VisionLanguageModel(nn.Module):
             return self._stream_one(chat, options)
         return "".join(self._stream_one(chat, options))
 
+    @contextmanager
+    def _generating(self) -> Iterator[None]:
+        """Hold the model for one generation. Other threads wait their turn; the thread whose own unfinished stream
+        holds it gets an error, where waiting would wait for itself forever."""
+        if self._lock_owner == threading.get_ident():
+            raise VLMError(
+                "this model is still generating an earlier answer in this thread: a stream that was not read to "
+                "the end holds it. Read that stream to the end or call its close() first"
+            )
+        with self._lock:
+            self._lock_owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._lock_owner = None
+
     def _stream_one(self, chat: EncodedChat, options: GenerationOptions) -> Iterator[str]:
-        with self._lock:  # one generation at a time per model: the KV cache and GPU are shared
+        with self._generating():
             for pieces in self._stream([chat], options):
                 if pieces[0]:
                     yield pieces[0]
@@ -461,7 +479,7 @@ class VisionLanguageModel(nn.Module):
                 )
             ]
             texts = [""] * len(chats)
-            with self._lock:
+            with self._generating():
                 for pieces in self._stream(chats, options):
                     texts = [t + p for t, p in zip(texts, pieces, strict=True)]
             results.extend(texts)
