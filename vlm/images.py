@@ -21,6 +21,7 @@ The returned image owns its pixels: no file handle or lazy decoder is left behin
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -203,10 +204,8 @@ def _read_stream(stream: Any, max_bytes: int) -> bytes:
         raise ImageError(f"cannot read image file object: {type(exc).__name__}: {exc}") from exc
     finally:
         if start is not None:
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 stream.seek(start)
-            except (OSError, ValueError):
-                pass
     if total > max_bytes:
         raise ImageError(f"image data is too large: over max_bytes={max_bytes}")
     if total == 0:
