@@ -63,6 +63,27 @@ def test_stream_equals_plain_and_batch_equals_single(tiny_model, rgb_images):
     assert tiny_model.caption_batch(rgb_images, batch_size=2, max_new_tokens=8) == singles
 
 
+def test_the_repetition_penalty_sees_each_row_as_it_would_alone(tiny_model, rgb_images, monkeypatch):
+    """Left padding is <|endoftext|>, a stop id: counted as text, it would be penalised in padded rows only and
+    move where they stop. The penalty must see, per row, the ids that row has when run alone."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    seen = []
+    penalise = RepetitionPenaltyLogitsProcessor.__call__
+
+    def record(self, input_ids, scores):
+        seen.append([set(row.tolist()) for row in input_ids])
+        return penalise(self, input_ids, scores)
+
+    monkeypatch.setattr(RepetitionPenaltyLogitsProcessor, "__call__", record)
+    questions = ["Hi", "What is it? " * 4]  # different lengths: the first row is padded
+    tiny_model.ask_batch(rgb_images[:2], questions, batch_size=2, repetition_penalty=1.3, max_new_tokens=1)
+    batched = seen.pop()
+    for row, (image, question) in enumerate(zip(rgb_images[:2], questions, strict=True)):
+        tiny_model.ask(image, question, repetition_penalty=1.3, max_new_tokens=1)
+        assert batched[row] == seen.pop()[0]
+
+
 def test_an_unfinished_stream_is_an_error_in_its_thread_and_a_wait_in_others(tiny_model, rgb_images):
     """A stream the caller stopped reading (but still holds) keeps the model; the same thread would wait for itself
     forever, so it gets an error saying what to do, while another thread waits for the stream to be closed."""
@@ -124,6 +145,16 @@ def test_generation_never_emits_image_or_spare_rows(tiny_model, rgb_images):
         with torch.no_grad():
             head[tiny_model.config.image_token_id] = saved
     assert int(ids.max()) < len(tiny_model.tokenizer)
+
+
+def test_the_limit_is_never_past_the_lms_positions(tiny_model, rgb_images):
+    """The adapter says 4096 but this LM knows 512 positions: a longer conversation is refused, not answered
+    with whatever the LM makes of positions it never saw."""
+    assert vlm.AdapterConfig(lm="x", vision_tower="y").max_length == 4096
+    assert tiny_model.lm.config.max_position_embeddings == 512
+    assert tiny_model.config.max_length == 512
+    with pytest.raises(PromptError, match="over the limit of 512"):
+        tiny_model.ask(rgb_images[0], "hello " * 200, max_new_tokens=64)
 
 
 def test_over_long_input_is_refused_before_compute(tiny_adapter, rgb_images):

@@ -71,6 +71,12 @@ class VisionLanguageModel(nn.Module):
                 f"the adapter expects a {config.lm_hidden_size}-d LM but {config.lm!r} has {lm_hidden}-d embeddings"
             )
         config.vision_hidden_size, config.lm_hidden_size = vision.hidden_size, lm_hidden
+        positions = getattr(lm.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and 0 < positions < config.max_length:
+            # past the positions it was trained for the LM degrades quietly (the miniature world's LM answers
+            # nothing): the prompt check refuses such conversations instead
+            logger.info("max_length %d is past the LM's %d positions: using those", config.max_length, positions)
+            config.max_length = positions
         if config.image_token_id < 0:
             config.image_token_id = len(tokenizer)
         rows = lm.get_input_embeddings().num_embeddings
@@ -326,7 +332,10 @@ class VisionLanguageModel(nn.Module):
                 logits_to_keep=1,
                 **{self._cache_kwarg: cache},
             ).logits[:, -1]  # (B, V)
-        sequence = input_ids
+        # What the repetition penalty reads: pad slots hold the row's first real id instead, so the pad id (which is
+        # also <|endoftext|>, a stop id) is not penalised in padded rows only; repeats do not change the penalty.
+        first = input_ids.gather(1, attention_mask.argmax(-1, keepdim=True))
+        sequence = torch.where(attention_mask.bool(), input_ids, first)
 
         def advance(next_ids: torch.Tensor, step: int) -> torch.Tensor:
             """Feed `next_ids` (B,) -> the following logits (B, V)."""
