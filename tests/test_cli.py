@@ -35,11 +35,11 @@ def test_caption_and_ask(tiny_adapter, rgb_images):
 
 
 def test_chat_streams_with_an_attached_image_and_exits_on_eof(tiny_adapter, rgb_images):
-    script = f"hello\n/image {rgb_images[2]}\nwhat is this?\n/image /no/such.png\n"
+    script = f"hello\n/image {rgb_images[2]}\nwhat is this?\n/image /no/such.png\n/images are a message too\n"
     out = run("chat", "-m", str(tiny_adapter), "--max-new-tokens", "4", "--json", stdin=script)
     assert out.returncode == 0, out.stderr
     replies = [json.loads(line) for line in out.stdout.splitlines()]
-    assert len(replies) == 2 and all(r["role"] == "assistant" for r in replies)
+    assert len(replies) == 3 and all(r["role"] == "assistant" for r in replies)
     assert f"attached {rgb_images[2]}" in out.stderr
     assert "image file not found" in out.stderr and "Traceback" not in out.stderr
 
@@ -50,6 +50,10 @@ def test_chat_streams_with_an_attached_image_and_exits_on_eof(tiny_adapter, rgb_
         (("caption", "/no/such.png"), "not found"),
         (("caption", "IMG", "--model", "/no/adapter"), "neither an adapter directory"),
         (("ask", "IMG", "q", "--temperature", "-1"), "temperature"),
+        (("ask", "IMG", "q", "--max-new-tokens", "0", "--model", "/no/adapter"), "max_new_tokens"),  # before loading
+        (("caption", "IMG", "--device", "cuda:7"), "CUDA device"),  # no GPU here, or not eight
+        (("caption", "IMG", "--device", "tpu9"), "unknown device"),
+        (("caption", "IMG", "--dtype", "int8"), "unsupported dtype"),
     ],
 )
 def test_user_mistakes_print_one_line_and_exit_2(tiny_adapter, rgb_images, args, message):

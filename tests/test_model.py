@@ -176,6 +176,11 @@ def test_bad_generation_options(tiny_model, rgb_images, options):
         tiny_model.caption(rgb_images[0], **options)
 
 
+def test_batch_calls_want_lists(tiny_model, rgb_images):
+    with pytest.raises(VLMError, match=r"images must be a list .* use caption\(\) or ask\(\)"):
+        tiny_model.caption_batch(str(rgb_images[0]))  # not a list of its characters
+
+
 def test_whole_numbers_are_fine_where_floats_are_meant(tiny_model, rgb_images):
     """transformers' processors refuse an int temperature or penalty; the options turn them into floats."""
     assert tiny_model.caption(rgb_images[0], temperature=1, seed=0, repetition_penalty=2, max_new_tokens=3) == (
@@ -263,6 +268,11 @@ def test_loading_errors_are_clear(tmp_path, tiny_lm_path, tiny_clip_path):
         ("system_prompt", "  "),
         ("format_version", 99),
         ("template", "llama2"),
+        ("select_layer", "-2"),  # hand-edited files: text where a number belongs, null where text does
+        ("system_prompt", None),
+        ("image_token_id", "515"),
+        ("max_length", True),
+        ("extra", None),
     ],
 )
 def test_config_validation(field, value):

@@ -129,6 +129,7 @@ def test_several_images_in_order(tokenizer, tokens):
         ([{"role": "user", "content": [{"type": "audio"}]}], "audio"),
         ([{"role": "user", "content": [{"type": "image"}]}], "image"),
         ([{"role": "user", "content": 5}], "string"),
+        ([{"role": "user", "content": [{"type": "text", "text": None}]}], "'text' must be a string"),  # not "None"
     ],
 )
 def test_bad_messages_give_clear_errors(messages, match):

@@ -49,6 +49,8 @@ def _load(args: argparse.Namespace, images: Sequence[str] = ()) -> Any:
 
     import vlm
 
+    if hasattr(args, "max_new_tokens"):  # the generation flags too: a bad one should not cost a model load either
+        vlm.GenerationOptions.from_kwargs(**_generation_kwargs(args))
     for image in images:
         vlm.load_image(image)
     hf_logging.disable_progress_bar()
@@ -93,7 +95,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         line = line.strip()
         if not line:
             continue
-        if line.startswith("/image"):
+        if line == "/image" or line.startswith("/image "):
             path = line.removeprefix("/image").strip()
             if not path:
                 print("usage: /image PATH", file=sys.stderr)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +33,17 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 VisionBackend = Literal["hf", "open_clip"]
 SelectFeature = Literal["patch", "cls_patch"]
 AspectMode = Literal["pad", "resize", "crop"]
+
+
+def _runtime_types(hint: Any) -> tuple[type, ...]:
+    """The classes a value of an annotated type may have: `str | None` -> (str, NoneType), a Literal of strings
+    -> (str,), `dict[str, Any]` -> (dict,)."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return tuple({type(arg) for arg in typing.get_args(hint)})
+    if origin in (typing.Union, types.UnionType):
+        return tuple(t for arg in typing.get_args(hint) for t in _runtime_types(arg))
+    return (origin or hint,)
 
 
 @dataclass
@@ -93,6 +106,12 @@ class AdapterConfig:
     """Free-form provenance (training recipe, metrics). Not interpreted by the library."""
 
     def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # a hand-edited file may say "-2" or null where a number or text belongs
+            value, allowed = getattr(self, f.name), _runtime_types(hints[f.name])
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+                kinds = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+                raise ConfigError(f"adapter config: {f.name} must be {kinds}, got {value!r}")
         if not self.lm:
             raise ConfigError("adapter config: `lm` must name a causal LM (hub id or local path)")
         if not self.vision_tower:

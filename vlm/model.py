@@ -476,6 +476,10 @@ class VisionLanguageModel(nn.Module):
         """One answer per (image, question) pair, generated `batch_size` at a time with left padding."""
         if batch_size < 1:
             raise VLMError("batch_size must be at least 1")
+        for name, given in (("images", images), ("questions", questions)):
+            if isinstance(given, (str, bytes, Path)) or not isinstance(given, Sequence):
+                raise VLMError(f"{name} must be a list (one per answer), got {type(given).__name__}; for one image "
+                               "use caption() or ask()")  # fmt: skip
         if len(images) != len(questions):
             raise VLMError(f"got {len(images)} images but {len(questions)} questions")
         options = GenerationOptions.from_kwargs(**generation)
@@ -537,12 +541,27 @@ def check_memory(
 
 
 def _torch_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    name = dtype
     if isinstance(dtype, str):
-        name = dtype
-        dtype = getattr(torch, name, None)
-        if not isinstance(dtype, torch.dtype):
-            raise ConfigError(f"unknown dtype {name!r}: use 'bfloat16', 'float16' or 'float32'")
+        dtype = getattr(torch, dtype, None)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ConfigError(f"unknown or unsupported dtype {name!r}: use 'bfloat16', 'float16' or 'float32'")
     return dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def _torch_device(device: str | torch.device | None) -> torch.device:
+    """The device to load onto (CUDA when there is one), checked before any weights are read."""
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from e
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError("no CUDA device is available here; use device 'cpu'")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"there is no {device}: this machine has {count} CUDA device(s)")
+    return device
 
 
 def build_model(
@@ -555,7 +574,7 @@ def build_model(
     projector. Defaults: CUDA with bf16 when available, else CPU with fp32."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _torch_device(device)
     dtype = _torch_dtype(dtype, device)
     lm_ref = resolve_reference(config.lm, base)
     try:

@@ -106,7 +106,10 @@ def _parts(content: Any, role: str) -> list[str | ImagePart]:
             raise PromptError(f"a content part must be a dict with a 'type' key, got {part!r:.80}")
         kind = part["type"]
         if kind == "text":
-            parts.append(str(part.get("text", "")))
+            text = part.get("text", "")
+            if not isinstance(text, str):
+                raise PromptError(f"a text part's 'text' must be a string, got {text!r:.80}")
+            parts.append(text)
         elif kind == "image":
             if part.get("image") is None:
                 raise PromptError("an image part needs an 'image' value (a path, bytes, file object or PIL image)")
