@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass
@@ -118,6 +119,16 @@ class TrainConfig:
     """`toy` recipe only: `default` (the full miniature world) or `micro` (seconds to build; learns nothing)."""
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            kind, value = _field_type(field), getattr(self, field.name)
+            optional = typing.get_type_hints(TrainConfig)[field.name] != kind
+            if value is None and optional:
+                continue
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, field.name, value)
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+                raise ConfigError(f"{field.name} must be a {kind.__name__}; got {value!r}")
         choices = {
             "vision_backend": ("hf", "open_clip"),
             "select_feature": ("patch", "cls_patch"),
@@ -137,6 +148,14 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1; got {getattr(self, name)}")
         if self.lr <= 0 or not 0 <= self.warmup_ratio < 1 or not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError("need lr > 0, 0 <= warmup_ratio < 1 and 0 <= max_bad_fraction <= 1")
+        if not (self.max_grad_norm > 0 and 0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1 and self.adam_eps > 0):
+            raise ConfigError("need max_grad_norm > 0, 0 <= adam_beta1, adam_beta2 < 1 and adam_eps > 0")
+        if self.num_workers < 0 or self.weight_decay < 0 or self.max_nonfinite_steps < 0:
+            raise ConfigError("num_workers, weight_decay and max_nonfinite_steps must not be negative")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be at least 1 (or unset); got {self.max_steps}")
+        if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
+            raise ConfigError(f"report_to={self.report_to} needs the {self.report_to} package: install it or pass none")
         if not self.system_prompt.strip():
             raise ConfigError("system_prompt must not be empty: the CausalLM models require one")
 
@@ -167,6 +186,25 @@ def _field_type(field: dataclasses.Field) -> type:
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         return args[0]
     return hint
+
+
+def _from_yaml(name: str, value: Any) -> Any:
+    """A YAML value as the field's type, as the same text given as a flag would be: YAML reads `2e-5` as a string
+    and `no` as false, which `lr` and `resume` (`auto`, `no` or a path) do not mean."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    if name not in fields or value is None:
+        return value
+    kind = _field_type(fields[name])
+    try:
+        if kind is str and isinstance(value, bool):
+            return "yes" if value else "no"
+        if kind is bool and isinstance(value, str):
+            return _parse_bool(value)
+        if kind in (int, float) and isinstance(value, str):
+            return kind(value)
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise ConfigError(f"{name}: {value!r} is not a {kind.__name__}") from e
+    return value
 
 
 def _parse_bool(text: str) -> bool:
@@ -229,6 +267,6 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         overrides = yaml.safe_load(args.config.read_text()) or {}
         if not isinstance(overrides, dict):
             raise ConfigError(f"{args.config} must hold a mapping of field: value")
-        cfg = cfg.replace(**overrides)
+        cfg = cfg.replace(**{name: _from_yaml(name, value) for name, value in overrides.items()})
     flags = {k: v for k, v in vars(parser_args).items() if k not in ("recipe", "config") and v is not None}
     return cfg.replace(**flags)

@@ -29,6 +29,7 @@ __all__ = [
     "DataError",
     "GlobalBatchSampler",
     "load_records",
+    "malformed",
     "record_to_messages",
     "truncate",
 ]
@@ -46,17 +47,45 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"training data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
     try:
-        if text.lstrip().startswith("["):
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text: {e}") from e
+    if text.lstrip().startswith("["):
+        try:
             records = json.loads(text)
-        else:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is neither a JSON list nor JSONL: {e}") from e
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} is not a valid JSON list: {e}") from e
+    else:
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{number}: not a JSON object ({e.msg}, column {e.colno})") from e
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise DataError(f"{path} must hold a list of objects")
     return records
+
+
+def malformed(record: dict[str, Any]) -> str | None:
+    """Why a record cannot be a training sample, from its shape alone (None when it can): conversations must be
+    a list of {"from": str, "value": str} turns with an answer among them, images a path or a list of paths."""
+    conversations = record.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        return "no conversations list"
+    for turn in conversations:
+        if not isinstance(turn, dict) or not all(isinstance(turn.get(key), str) for key in ("from", "value")):
+            return f"a turn that is not {{'from': str, 'value': str}}: {turn!r:.60}"
+        if turn["from"] not in ROLE:
+            return f"unknown speaker {turn['from']!r}"
+    if not any(ROLE[turn["from"]] == "assistant" for turn in conversations):
+        return "no gpt turn to learn from"
+    image = record.get("image")
+    if image is None or isinstance(image, str) or (isinstance(image, list) and all(isinstance(i, str) for i in image)):
+        return None
+    return f"image is neither a path nor a list of paths: {image!r:.60}"
 
 
 def record_images(record: dict[str, Any]) -> list[str]:
@@ -72,7 +101,9 @@ def record_to_messages(record: dict[str, Any], image_root: Path) -> list[dict[st
     if not isinstance(conversations, list) or not conversations:
         raise DataError(f"record {record.get('id')!r} has no conversations")
     images = [image_root / p for p in record_images(record)]
-    values = [str(turn.get("value", "")) for turn in conversations]
+    if (reason := malformed(record)) is not None:
+        raise DataError(f"record {record.get('id')!r}: {reason}")
+    values = [turn["value"] for turn in conversations]
     placeholders = sum(v.count(PLACEHOLDER) for v in values)
     if placeholders == 0 and len(images) == 1:
         first_human = next((i for i, t in enumerate(conversations) if ROLE.get(t.get("from")) == "user"), None)

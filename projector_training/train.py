@@ -18,7 +18,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from projector_training.data import (
     DataError,
     GlobalBatchSampler,
     load_records,
+    malformed,
     record_images,
 )
 from projector_training.memory import candidate_micro_batches, fit_micro_batch, is_out_of_memory, try_training_pass
@@ -107,6 +110,11 @@ def init_projector(model: VisionLanguageModel, cfg: TrainConfig) -> None:
         if source.is_dir():
             from safetensors.torch import load_file
 
+            if not (source / PROJECTOR_NAME).is_file():
+                raise ConfigError(
+                    f"--init-projector {source}: no {PROJECTOR_NAME} there (an unfinished run?); give a finished run "
+                    "directory, or a LLaVA mm_projector.bin / .safetensors file"
+                )
             state = load_file(str(source / PROJECTOR_NAME))
         else:
             state = load_llava_projector(source)
@@ -139,7 +147,10 @@ def save_checkpoint(
     (tmp / STATE).write_text(json.dumps(state.__dict__, indent=2))  # written last: marks completeness
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+    # Prune by step, among this run's own checkpoints: ones past this step are from a branch the run left when it
+    # was resumed from an earlier checkpoint, and `--resume auto` must not pick them up again.
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in [p for p in steps if p.name > final.name] + [p for p in steps if p.name <= final.name][:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -178,18 +189,30 @@ def save_adapter(run_dir: Path, model: VisionLanguageModel) -> None:
 # Data
 
 
-def check_images(
+def check_records(
     records: list[dict[str, Any]], image_root: Path, max_bad_fraction: float, log: Any
 ) -> list[dict[str, Any]]:
-    """Drop records whose image files are missing; stop if too many are."""
-    good = [r for r in records if all((image_root / p).is_file() for p in record_images(r))]
-    missing = len(records) - len(good)
+    """Drop malformed records (see `malformed`; the first few are named) and those whose image files are missing;
+    stop if too many are."""
+    good, bad, missing = [], 0, 0
+    for index, record in enumerate(records):
+        if (reason := malformed(record)) is not None:
+            bad += 1
+            if bad <= 3:
+                log(f"skipping record {index} (id {record.get('id')!r}): {reason}")
+        elif not all((image_root / p).is_file() for p in record_images(record)):
+            missing += 1
+        else:
+            good.append(record)
+    if bad:
+        log(f"skipping {bad} of {len(records)} malformed records")
     if missing:
         log(f"skipping {missing} of {len(records)} records with missing image files under {image_root}")
-    if records and missing / len(records) > max_bad_fraction:
+    if records and (bad + missing) / len(records) > max_bad_fraction:
         raise DataError(
-            f"{missing} of {len(records)} records ({missing / len(records):.1%}) have missing images, more than "
-            f"max_bad_fraction={max_bad_fraction:.1%}; check --image-root ({image_root})"
+            f"{bad + missing} of {len(records)} records ({(bad + missing) / len(records):.1%}) cannot be used "
+            f"({bad} malformed, {missing} with missing images), more than max_bad_fraction={max_bad_fraction:.1%}; "
+            f"check the data file and --image-root ({image_root})"
         )
     return good
 
@@ -204,6 +227,11 @@ def train(cfg: TrainConfig) -> Path:
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     run_dir = Path(cfg.output_dir)
+    if cfg.resume == "no" and latest_checkpoint(run_dir) is not None:
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints of another run, which --resume no would mix with this one's; "
+            f"use a new --output-dir, or remove {run_dir / CHECKPOINTS}"
+        )
     accelerator = Accelerator(
         mixed_precision=cfg.resolved_mixed_precision(),
         cpu=cfg.device == "cpu",
@@ -240,7 +268,7 @@ def train(cfg: TrainConfig) -> Path:
 
     # 2. The data.
     image_root = Path(cfg.image_root)
-    records = check_images(load_records(cfg.data), image_root, cfg.max_bad_fraction, log)
+    records = check_records(load_records(cfg.data), image_root, cfg.max_bad_fraction, log)
     dataset = ConversationDataset(records, image_root, model, cfg.max_length)
     lengths = [dataset.length(i) for i in range(len(dataset))]
 
@@ -299,68 +327,78 @@ def train(cfg: TrainConfig) -> Path:
         """Sum of a per-process count over all processes."""
         return int(accelerator.reduce(torch.tensor(count, device=accelerator.device), "sum"))
 
-    while state.step < total_steps:
-        micro = [next(batches) for _ in range(accum)]
-        num_items = total(sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro))
-        step_loss = torch.zeros((), device=accelerator.device)
-        for i, m in enumerate(micro):
-            sync = i == accum - 1
-            try:
-                with nullcontext() if sync or world == 1 else accelerator.no_sync(model):
-                    if m["num_samples"] == 0:  # every sample was unusable: keep the processes in step
-                        loss = sum(p.sum() for p in params) * 0.0
-                    else:
-                        loss = _loss(model, m, accelerator, num_items=max(num_items, 1))
-                    # DDP averages gradients over processes; scale so the result is sum / global label tokens.
-                    accelerator.backward(loss * world)
-                    step_loss += loss.detach()
-            except Exception as error:
-                if not is_out_of_memory(error):
-                    raise
-                raise VLMError(_out_of_memory_advice(run_dir, state.step, micro_batch, m)) from None
-        if fsdp and world > 1:  # FSDP leaves the (ignored) projector's gradients to us: average them as DDP does
-            _all_reduce_mean([p.grad for p in params if p.grad is not None], world)
-        step_loss = accelerator.reduce(step_loss, "sum")
-        batch_samples = total(sum(m["num_samples"] for m in micro))
-        skipped = total(sum(m["num_skipped"] for m in micro))
+    with StopRequest() as stop:
+        while state.step < total_steps:
+            micro = [next(batches) for _ in range(accum)]
+            num_items = total(sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro))
+            step_loss = torch.zeros((), device=accelerator.device)
+            for i, m in enumerate(micro):
+                sync = i == accum - 1
+                try:
+                    with nullcontext() if sync or world == 1 else accelerator.no_sync(model):
+                        if m["num_samples"] == 0:  # every sample was unusable: keep the processes in step
+                            loss = sum(p.sum() for p in params) * 0.0
+                        else:
+                            loss = _loss(model, m, accelerator, num_items=max(num_items, 1))
+                        # DDP averages gradients over processes; scale so the result is sum / global label tokens.
+                        accelerator.backward(loss * world)
+                        step_loss += loss.detach()
+                except Exception as error:
+                    if not is_out_of_memory(error):
+                        raise
+                    raise VLMError(_out_of_memory_advice(run_dir, state.step, micro_batch, m)) from None
+            if fsdp and world > 1:  # FSDP leaves the (ignored) projector's gradients to us: average them as DDP does
+                _all_reduce_mean([p.grad for p in params if p.grad is not None], world)
+            step_loss = accelerator.reduce(step_loss, "sum")
+            batch_samples = total(sum(m["num_samples"] for m in micro))
+            skipped = total(sum(m["num_skipped"] for m in micro))
 
-        if not torch.isfinite(step_loss):
-            optimizer.zero_grad(set_to_none=True)
-            state.nonfinite_steps += 1
-            log(f"step {state.step}: non-finite loss, update skipped ({state.nonfinite_steps} so far)")
-            if state.nonfinite_steps > cfg.max_nonfinite_steps:
-                raise VLMError(
-                    f"{state.nonfinite_steps} steps had a non-finite loss (limit {cfg.max_nonfinite_steps}); "
-                    "lower the learning rate or check the data"
+            if not torch.isfinite(step_loss):
+                optimizer.zero_grad(set_to_none=True)
+                state.nonfinite_steps += 1
+                log(f"step {state.step}: non-finite loss, update skipped ({state.nonfinite_steps} so far)")
+                if state.nonfinite_steps > cfg.max_nonfinite_steps:
+                    raise VLMError(
+                        f"{state.nonfinite_steps} steps had a non-finite loss (limit {cfg.max_nonfinite_steps}); "
+                        "lower the learning rate or check the data"
+                    )
+            else:
+                grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.last_loss = float(step_loss)
+            scheduler.step()
+            state.step += 1
+            state.samples += batch_samples
+            state.skipped += skipped
+            seen = state.samples + state.skipped
+            if seen and state.skipped / seen > cfg.max_bad_fraction and seen >= cfg.global_batch_size * 4:
+                raise DataError(
+                    f"{state.skipped} of {seen} samples were unusable (unreadable images, or no answer left within "
+                    f"max_length={cfg.max_length}), more than max_bad_fraction={cfg.max_bad_fraction:.1%}"
                 )
-        else:
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.last_loss = float(step_loss)
-        scheduler.step()
-        state.step += 1
-        state.samples += batch_samples
-        state.skipped += skipped
-        seen = state.samples + state.skipped
-        if seen and state.skipped / seen > cfg.max_bad_fraction and seen >= cfg.global_batch_size * 4:
-            raise DataError(
-                f"{state.skipped} of {seen} samples were unusable (unreadable images or malformed records), "
-                f"more than max_bad_fraction={cfg.max_bad_fraction:.1%}"
-            )
-        state.elapsed = time.time() - started
-        rate = (state.samples - start_samples) / max(1e-9, time.time() - started - 0.0)
-        lr = scheduler.get_last_lr()[0]
-        bar.set_postfix(loss=f"{state.last_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
-        bar.update(1)
-        if cfg.report_to != "none":
-            accelerator.log(
-                {"loss": state.last_loss, "lr": lr, "grad_norm": float(grad_norm), "samples_per_s": rate},
-                step=state.step,
-            )
-        if accelerator.is_main_process and (state.step % cfg.save_every == 0 or state.step == total_steps):
-            save_checkpoint(run_dir, core, optimizer, scheduler, state, cfg.keep_checkpoints)
-        accelerator.wait_for_everyone()
+            state.elapsed = time.time() - started
+            rate = (state.samples - start_samples) / max(1e-9, time.time() - started - 0.0)
+            lr = scheduler.get_last_lr()[0]
+            bar.set_postfix(loss=f"{state.last_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+            bar.update(1)
+            if cfg.report_to != "none":
+                accelerator.log(
+                    {"loss": state.last_loss, "lr": lr, "grad_norm": float(grad_norm), "samples_per_s": rate},
+                    step=state.step,
+                )
+            stopping = total(int(stop.signal is not None)) > 0  # every process stops at the same step
+            if accelerator.is_main_process and (
+                state.step % cfg.save_every == 0 or state.step == total_steps or stopping
+            ):
+                saved = save_checkpoint(run_dir, core, optimizer, scheduler, state, cfg.keep_checkpoints)
+            accelerator.wait_for_everyone()
+            if stopping and state.step < total_steps:
+                raise VLMError(
+                    f"stopped by {stop.signal or 'a signal on another process'} at step {state.step} of {total_steps}"
+                    + (f", checkpoint {saved}" if accelerator.is_main_process else "")
+                    + "; run the same command again to resume"
+                )
     bar.close()
 
     if accelerator.is_main_process:
@@ -379,6 +417,34 @@ def train(cfg: TrainConfig) -> Path:
         log("summary: " + json.dumps(summary))
     accelerator.end_training()
     return run_dir
+
+
+class StopRequest:
+    """While held (`with`): SIGTERM (a scheduler's pre-emption) or Ctrl-C asks the loop to stop at the next step
+    boundary, after a checkpoint, instead of losing every step since the last one. A second signal stops at once."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # only there can handlers be set
+            for number in (signal.SIGTERM, signal.SIGINT):
+                self.previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        self.previous = {}
+
+    def _handle(self, number: int, frame: Any) -> None:
+        if self.signal is not None:  # asked twice: do what the signal would have done
+            self.__exit__()
+            signal.raise_signal(number)
+            return
+        self.signal = signal.Signals(number).name
+        logger.warning("%s: stopping after this step, with a checkpoint (send it again to stop at once)", self.signal)
 
 
 def _can_probe(accelerator: Any, fsdp: bool) -> bool:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ import vlm
 from projector_training.config import TrainConfig, parse_args
 from projector_training.data import GlobalBatchSampler, load_records, record_to_messages, truncate
 from projector_training.memory import candidate_micro_batches, fit_micro_batch
-from projector_training.train import check_images, train
+from projector_training.train import check_records, train
 from vlm.errors import ConfigError, VLMError
 from vlm.prompt import IGNORE_INDEX, EncodedChat
 
@@ -329,9 +330,9 @@ def test_json_and_jsonl_and_missing_images(tmp_path):
     assert load_records(tmp_path / "d.json") == load_records(tmp_path / "d.jsonl") == records
     for i in range(3):
         Image.new("RGB", (8, 8)).save(tmp_path / f"img{i}.png")
-    assert len(check_images(records, tmp_path, 0.5, lambda *_: None)) == 3
-    with pytest.raises(VLMError, match="missing images"):
-        check_images(records, tmp_path, 0.1, lambda *_: None)
+    assert len(check_records(records, tmp_path, 0.5, lambda *_: None)) == 3
+    with pytest.raises(VLMError, match="1 with missing images"):
+        check_records(records, tmp_path, 0.1, lambda *_: None)
 
 
 def test_overlong_samples_truncate_outside_images_or_drop():
@@ -388,3 +389,124 @@ def test_help_describes_each_setting_from_its_docstring(capsys):
     assert "--auto-micro-batch BOOL On a GPU, before training: halve micro_batch_size" in text
     assert "--gradient-checkpointing BOOL Recompute the frozen LM's activations in backward" in text
     assert "--max-bad-fraction FLOAT Stop with an error when more than this share of samples is unusable." in text
+
+
+def test_sigterm_stops_at_a_step_with_a_checkpoint_then_resume_is_bit_exact(micro_world, reference_run, tmp_path):
+    """A scheduler's pre-emption (SIGTERM) loses no steps: the run checkpoints the step it is on and says how to go
+    on; going on gives the uninterrupted run's projector."""
+    out = tmp_path / "run"
+    proc = _train_subprocess(micro_world, out)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-00000002" / "trainer_state.json").is_file():  # the loop is running
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, log
+    stopped = re.search(r"stopped by SIGTERM at step (\d+) of 8, checkpoint (\S+); run the same command again", log)
+    assert stopped, log
+    assert Path(stopped[2]).name == f"step-{int(stopped[1]):08d}" and int(stopped[1]) < 8
+    assert json.loads((Path(stopped[2]) / "trainer_state.json").read_text())["step"] == int(stopped[1])
+    assert not (out / "projector.safetensors").exists()
+    resumed = _train_subprocess(micro_world, out)
+    log, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, log
+    ours, reference = _projector(out), _projector(reference_run)
+    assert all(torch.equal(ours[k], reference[k]) for k in reference)
+
+
+# --------------------------------------------------------------------------------------------------
+# Nothing lost, nothing mixed up, no traceback for a user's mistake
+
+
+def _checkpoint(run: Path, step: int) -> Path:
+    path = run / "checkpoints" / f"step-{step:08d}"
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text(json.dumps({"step": step}))
+    return path
+
+
+def test_a_new_run_never_mixes_with_an_old_runs_checkpoints(tmp_path):
+
+    from projector_training.train import TrainState, latest_checkpoint, save_checkpoint
+
+    old = tmp_path / "old"
+    for step in (6, 8):
+        _checkpoint(old, step)
+    with pytest.raises(ConfigError, match="already holds checkpoints of another run"):
+        train(TrainConfig(output_dir=str(old), resume="no"))  # refused before anything is loaded or written
+
+    # Resumed from step 4 of a run that had gone on to 8: the checkpoints past the new one are a branch the run
+    # left, which `--resume auto` must not pick up; older ones are pruned to `keep` as usual.
+    for step in (2, 4):
+        _checkpoint(old, step)
+    projector = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(projector.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    save_checkpoint(old, SimpleNamespace(projector=projector), optimizer, scheduler, TrainState(step=5), keep=2)
+    assert sorted(p.name for p in (old / "checkpoints").iterdir()) == ["step-00000004", "step-00000005"]
+    assert latest_checkpoint(old).name == "step-00000005"
+
+
+def test_yaml_values_mean_what_the_same_flags_mean(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text('lr: 2e-5\nresume: no\ngroup_by_length: "false"\nmax_grad_norm: 1\n')
+    cfg = parse_args(["--recipe", "toy", "--config", str(config)])
+    assert (cfg.lr, cfg.resume, cfg.group_by_length, cfg.max_grad_norm) == (2e-5, "no", False, 1.0)
+    config.write_text("epochs: many\n")
+    with pytest.raises(ConfigError, match="epochs: 'many' is not a int"):
+        parse_args(["--recipe", "toy", "--config", str(config)])
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"max_grad_norm": -1.0}, "max_grad_norm > 0"),  # clipping to a negative norm flips the gradient
+        ({"adam_beta2": 1.5}, "adam_beta2"),
+        ({"num_workers": -1}, "must not be negative"),
+        ({"max_steps": 0}, "max_steps must be at least 1"),
+        ({"epochs": "2"}, "epochs must be a int"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**changes)
+
+
+def test_malformed_records_are_skipped_counted_and_named(tmp_path):
+    good = [_record(("human", "Q"), ("gpt", "A")) for _ in range(6)]
+    bad = [
+        {"id": "none", "conversations": None},
+        {"id": "string-turn", "conversations": ["hi"]},
+        {"id": "null-value", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": None}]},
+        {"id": "list-speaker", "conversations": [{"from": ["human"], "value": "Q"}, {"from": "gpt", "value": "A"}]},
+        {"id": "no-answer", "conversations": [{"from": "human", "value": "Q"}]},
+        {"id": "image-number", "image": 5, **_record(("human", "Q"), ("gpt", "A"))},
+    ]
+    logged = []
+    assert check_records(good + bad, tmp_path, 0.5, logged.append) == good
+    assert logged[0].startswith("skipping record 6 (id 'none'): no conversations list")
+    assert "skipping 6 of 12 malformed records" in logged
+    with pytest.raises(VLMError, match=r"6 of 12 records \(50.0%\) cannot be used \(6 malformed, 0 with missing"):
+        check_records(good + bad, tmp_path, 0.4, logged.append)
+    with pytest.raises(VLMError, match="a turn that is not"):  # never the text "None" as an answer
+        record_to_messages(bad[2], tmp_path)
+
+
+def test_a_bad_jsonl_line_is_named_by_its_number(tmp_path):
+    lines = [json.dumps(_record(("human", "Q"), ("gpt", "A")))] * 9 + ['{"id": "broken", ']
+    (tmp_path / "d.jsonl").write_text("\n".join(lines))
+    with pytest.raises(VLMError, match=r"d.jsonl:10: not a JSON object"):
+        load_records(tmp_path / "d.jsonl")
+    (tmp_path / "latin1.json").write_bytes('[{"id": "caf\xe9"}]'.encode("latin-1"))
+    with pytest.raises(VLMError, match="is not UTF-8 text"):
+        load_records(tmp_path / "latin1.json")
+
+
+def test_init_projector_from_an_unfinished_run_says_so(tmp_path):
+    from projector_training.train import init_projector
+
+    model = SimpleNamespace(projector=torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(ConfigError, match=r"no projector\.safetensors there"):
+        init_projector(model, TrainConfig(init_projector=str(tmp_path)))
