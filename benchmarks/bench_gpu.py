@@ -325,7 +325,7 @@ def decode_floor(ours: VisionLanguageModel, device: torch.device, repeats: int) 
 
     step_s = products(torch.nn.functional.linear)
     mv_s = products(lambda row, matrix: torch.mv(matrix, row[0]))  # another kernel choice for the same product
-    source = torch.empty(min(weight_bytes, 2**30) // 2, dtype=torch.bfloat16, device=device)
+    source = torch.empty(max(min(weight_bytes, 2**30), 2**26) // 2, dtype=torch.bfloat16, device=device)  # 64 MiB-1 GiB
     target = torch.empty_like(source)
     copy_s = timed(lambda: target.copy_(source), device, repeats=max(repeats, 10), warmup=3)
     copied_bytes = 2 * source.numel() * source.element_size()  # read and written

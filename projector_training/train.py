@@ -175,6 +175,20 @@ def load_checkpoint(path: Path, model: VisionLanguageModel, optimizer: Any, sche
     return TrainState(**json.loads((path / STATE).read_text()))
 
 
+def apply_optimizer_settings(cfg: TrainConfig, optimizer: Any, scheduler: Any, log: Any) -> None:
+    """This run's optimiser settings over the ones a checkpoint brought back: resuming with a lower --lr (what the
+    non-finite guard advises) must lower it. With unchanged settings every value is the one restored."""
+    restored = scheduler.base_lrs[0]
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        betas = (cfg.adam_beta1, cfg.adam_beta2)
+        group.update(initial_lr=cfg.lr, weight_decay=cfg.weight_decay, betas=betas, eps=cfg.adam_eps)
+        group["lr"] = cfg.lr * factor(scheduler.last_epoch)  # as LambdaLR computes it
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    if restored != cfg.lr:
+        log(f"the checkpoint trained at lr {restored:g}; this run goes on at {cfg.lr:g}")
+
+
 def save_adapter(run_dir: Path, model: VisionLanguageModel) -> None:
     """The final adapter in the run directory, each file replaced atomically."""
     tmp = run_dir / ".tmp-adapter"
@@ -298,6 +312,7 @@ def train(cfg: TrainConfig) -> Path:
     resume_from = _resume_path(cfg, run_dir)
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        apply_optimizer_settings(cfg, optimizer, scheduler, log)
         log(f"resumed from {resume_from} at step {state.step}")
     shapes = [tuple(p.shape) for p in params]
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -353,20 +368,25 @@ def train(cfg: TrainConfig) -> Path:
             batch_samples = total(sum(m["num_samples"] for m in micro))
             skipped = total(sum(m["num_skipped"] for m in micro))
 
+            nonfinite = None
             if not torch.isfinite(step_loss):
-                optimizer.zero_grad(set_to_none=True)
-                state.nonfinite_steps += 1
-                log(f"step {state.step}: non-finite loss, update skipped ({state.nonfinite_steps} so far)")
-                if state.nonfinite_steps > cfg.max_nonfinite_steps:
-                    raise VLMError(
-                        f"{state.nonfinite_steps} steps had a non-finite loss (limit {cfg.max_nonfinite_steps}); "
-                        "lower the learning rate or check the data"
-                    )
+                nonfinite = "loss"
             else:
                 grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.last_loss = float(step_loss)
+                if torch.isfinite(grad_norm):
+                    optimizer.step()
+                    state.last_loss = float(step_loss)
+                else:  # a finite loss with an overflowed gradient: clipping would spread NaN into every weight
+                    nonfinite = "gradient"
+            optimizer.zero_grad(set_to_none=True)
+            if nonfinite:
+                state.nonfinite_steps += 1
+                log(f"step {state.step}: non-finite {nonfinite}, update skipped ({state.nonfinite_steps} so far)")
+                if state.nonfinite_steps > cfg.max_nonfinite_steps:
+                    raise VLMError(
+                        f"{state.nonfinite_steps} steps had a non-finite loss or gradient (limit "
+                        f"{cfg.max_nonfinite_steps}); lower the learning rate or check the data"
+                    )
             scheduler.step()
             state.step += 1
             state.samples += batch_samples
@@ -400,6 +420,11 @@ def train(cfg: TrainConfig) -> Path:
                     + "; run the same command again to resume"
                 )
     bar.close()
+    if state.samples == 0:  # a run too short for the fraction check above, every sample of which was unusable
+        raise DataError(
+            f"none of the {state.skipped} samples could be used (unreadable images, or no answer left within "
+            f"max_length={cfg.max_length}); no adapter was written"
+        )
 
     if accelerator.is_main_process:
         save_adapter(run_dir, core)

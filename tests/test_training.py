@@ -510,3 +510,37 @@ def test_init_projector_from_an_unfinished_run_says_so(tmp_path):
     model = SimpleNamespace(projector=torch.nn.Sequential(torch.nn.Linear(2, 2)))
     with pytest.raises(ConfigError, match=r"no projector\.safetensors there"):
         init_projector(model, TrainConfig(init_projector=str(tmp_path)))
+
+
+def test_an_overflowed_gradient_is_skipped_not_spread_into_the_weights(micro_world, tmp_path, monkeypatch):
+    """A finite loss with an inf gradient (a bf16 backward overflow): clipping would make every weight NaN."""
+    import projector_training.train as training
+
+    init = training.init_projector
+
+    def init_with_one_overflow(model, cfg):
+        init(model, cfg)
+        fired = []
+        model.projector[0].weight.register_hook(lambda g: g if fired else fired.append(1) or g * float("inf"))
+
+    monkeypatch.setattr(training, "init_projector", init_with_one_overflow)
+    run = train(parse_args(_flags(micro_world, tmp_path / "run", **{"max-steps": 2})))
+    assert json.loads((run / "summary.json").read_text())["nonfinite_steps"] == 1
+    assert all(torch.isfinite(w).all() for w in _projector(run).values())
+
+
+def test_resuming_with_a_lower_learning_rate_uses_it(micro_world, tmp_path):
+    """What the non-finite guard advises: the checkpoint's optimiser state comes back, the new lr applies."""
+    out = tmp_path / "run"
+    train(parse_args(_flags(micro_world, out, **{"max-steps": 2})))
+    train(parse_args(_flags(micro_world, out, **{"max-steps": 4, "lr": 1e-5})))
+    groups = torch.load(out / "checkpoints" / "step-00000004" / "optimizer.pt", weights_only=True)["param_groups"]
+    scheduler = torch.load(out / "checkpoints" / "step-00000004" / "scheduler.pt", weights_only=True)
+    assert {g["initial_lr"] for g in groups} == {1e-5} and scheduler["base_lrs"] == [1e-5]
+    assert all(g["lr"] <= 1e-5 for g in groups)  # the cosine reaches 0 at the last step
+
+
+def test_a_short_run_with_no_usable_sample_fails_and_says_why(micro_world, tmp_path):
+    with pytest.raises(VLMError, match=r"none of the 16 samples could be used .*max_length=8"):
+        train(parse_args(_flags(micro_world, tmp_path / "run", **{"max-steps": 2, "max-length": 8})))
+    assert not (tmp_path / "run" / "projector.safetensors").exists()
