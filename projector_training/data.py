@@ -48,7 +48,7 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"training data file not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some editors write, is fine
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text: {e}") from e
     if text.lstrip().startswith("["):

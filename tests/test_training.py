@@ -328,6 +328,8 @@ def test_json_and_jsonl_and_missing_images(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps(records))
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     assert load_records(tmp_path / "d.json") == load_records(tmp_path / "d.jsonl") == records
+    (tmp_path / "bom.json").write_text("\ufeff" + json.dumps(records), encoding="utf-8")
+    assert load_records(tmp_path / "bom.json") == records
     for i in range(3):
         Image.new("RGB", (8, 8)).save(tmp_path / f"img{i}.png")
     assert len(check_records(records, tmp_path, 0.5, lambda *_: None)) == 3
