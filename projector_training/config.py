@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from vlm.config import DEFAULT_SYSTEM_PROMPT
+from vlm.config import DEFAULT_SYSTEM_PROMPT, check_field_types
 from vlm.errors import ConfigError
 
 __all__ = ["TrainConfig", "parse_args"]
@@ -119,16 +119,7 @@ class TrainConfig:
     """`toy` recipe only: `default` (the full miniature world) or `micro` (seconds to build; learns nothing)."""
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            kind, value = _field_type(field), getattr(self, field.name)
-            optional = typing.get_type_hints(TrainConfig)[field.name] != kind
-            if value is None and optional:
-                continue
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-                setattr(self, field.name, value)
-            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-                raise ConfigError(f"{field.name} must be a {kind.__name__}; got {value!r}")
+        check_field_types(self)
         choices = {
             "vision_backend": ("hf", "open_clip"),
             "select_feature": ("patch", "cls_patch"),

@@ -97,16 +97,14 @@ def record_images(record: dict[str, Any]) -> list[str]:
 
 def record_to_messages(record: dict[str, Any], image_root: Path) -> list[dict[str, Any]]:
     """One record -> OpenAI-style messages whose image parts are paths under `image_root`."""
-    conversations = record.get("conversations")
-    if not isinstance(conversations, list) or not conversations:
-        raise DataError(f"record {record.get('id')!r} has no conversations")
-    images = [image_root / p for p in record_images(record)]
     if (reason := malformed(record)) is not None:
         raise DataError(f"record {record.get('id')!r}: {reason}")
+    conversations = record["conversations"]
+    images = [image_root / p for p in record_images(record)]
     values = [turn["value"] for turn in conversations]
     placeholders = sum(v.count(PLACEHOLDER) for v in values)
     if placeholders == 0 and len(images) == 1:
-        first_human = next((i for i, t in enumerate(conversations) if ROLE.get(t.get("from")) == "user"), None)
+        first_human = next((i for i, t in enumerate(conversations) if ROLE[t["from"]] == "user"), None)
         if first_human is None:
             raise DataError(f"record {record.get('id')!r} has an image but no human turn")
         values[first_human] = f"{PLACEHOLDER}\n{values[first_human]}"
@@ -116,9 +114,7 @@ def record_to_messages(record: dict[str, Any], image_root: Path) -> list[dict[st
     remaining = iter(images)
     messages = []
     for turn, value in zip(conversations, values, strict=True):
-        role = ROLE.get(turn.get("from"))
-        if role is None:
-            raise DataError(f"record {record.get('id')!r}: unknown speaker {turn.get('from')!r}")
+        role = ROLE[turn["from"]]  # a known speaker: `malformed` checked
         parts: list[Any] = []
         for i, piece in enumerate(value.split(PLACEHOLDER)):
             if i:

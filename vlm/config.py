@@ -46,6 +46,20 @@ def _runtime_types(hint: Any) -> tuple[type, ...]:
     return (origin or hint,)
 
 
+def check_field_types(instance: Any, prefix: str = "") -> None:
+    """Raise ConfigError for a dataclass field whose value does not have its annotated type (a hand-edited file
+    may say "-2" or null where a number or text belongs); a whole number where a float is meant becomes one."""
+    hints = typing.get_type_hints(type(instance))
+    for f in dataclasses.fields(instance):
+        value, allowed = getattr(instance, f.name), _runtime_types(hints[f.name])
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+            setattr(instance, f.name, value)
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            kinds = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise ConfigError(f"{prefix}{f.name} must be a {kinds}; got {value!r}")
+
+
 @dataclass
 class AdapterConfig:
     """Configuration of one adapter: which backbones, how images become tokens, and the projector."""
@@ -106,12 +120,7 @@ class AdapterConfig:
     """Free-form provenance (training recipe, metrics). Not interpreted by the library."""
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):  # a hand-edited file may say "-2" or null where a number or text belongs
-            value, allowed = getattr(self, f.name), _runtime_types(hints[f.name])
-            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-                kinds = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-                raise ConfigError(f"adapter config: {f.name} must be {kinds}, got {value!r}")
+        check_field_types(self, "adapter config: ")
         if not self.lm:
             raise ConfigError("adapter config: `lm` must name a causal LM (hub id or local path)")
         if not self.vision_tower:

@@ -170,7 +170,6 @@ def _check_two_layer_projector(config: AdapterConfig, target: str) -> None:
 # transformers LLaVA
 
 
-@torch.no_grad()
 def lm_checkpoint_dtype(adapter_dir: str | Path) -> str:
     """The dtype the adapter's LM checkpoint is stored in (its config's `dtype`), `float32` when it names none:
     what an export should write, so a bf16 14B is not loaded and saved at twice its size."""
@@ -192,6 +191,14 @@ def _empty_output(out: Path) -> None:
         raise ConfigError(f"{out} already exists and is not an empty directory; choose a new output path")
 
 
+def _publish(staging: Path, out: Path) -> None:
+    """Move a completely written `staging` directory to `out` (absent, or empty as `_empty_output` checked)."""
+    if out.exists():
+        out.rmdir()
+    staging.rename(out)
+
+
+@torch.no_grad()
 def to_llava_hf(model: VisionLanguageModel) -> Any:
     """A `transformers.LlavaForConditionalGeneration` computing the same function as `model`.
 
@@ -427,9 +434,7 @@ def export_llava_hf(model: VisionLanguageModel, out: str | Path) -> Path:
     config["image_token_id"] = config["image_token_index"] = model.config.image_token_id  # both names are read
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (staging / "README.md").write_text(_llava_readme(model, note))
-    if out.exists():
-        out.rmdir()
-    staging.rename(out)
+    _publish(staging, out)
     return out
 
 
@@ -694,7 +699,5 @@ def import_llava(
     weights = {key: tensor.to(torch.float32).contiguous() for key, tensor in state.items()}
     save_file(weights, str(staging / PROJECTOR_NAME), metadata={"format": "pt"})
     config.save(staging)
-    if out.exists():
-        out.rmdir()  # empty (checked above)
-    staging.rename(out)
+    _publish(staging, out)
     return out
