@@ -12,6 +12,7 @@ AdamW, cosine schedule) -> atomic checkpoints -> the final adapter directory tha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,7 @@ class TrainState:
     nonfinite_steps: int = 0
     last_loss: float = float("nan")
     elapsed: float = 0.0
+    run: dict[str, Any] = field(default_factory=dict)  # `run_identity`: what the sample order depends on
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -175,6 +177,42 @@ def load_checkpoint(path: Path, model: VisionLanguageModel, optimizer: Any, sche
     return TrainState(**json.loads((path / STATE).read_text()))
 
 
+def run_identity(cfg: TrainConfig, records: list[dict[str, Any]], lengths: list[int]) -> dict[str, Any]:
+    """What fixes a run's sample order (besides the step): a checkpoint continues its run exactly only where these
+    are the same. Records are hashed as parsed JSON, so reformatting the file changes nothing."""
+    data = hashlib.sha256()
+    for start in range(0, len(records), 4096):  # in chunks: a few seconds for LLaVA's 558k pretraining records
+        data.update(json.dumps(records[start : start + 4096], sort_keys=True, ensure_ascii=False).encode())
+    return {
+        "records": len(records),
+        "data_sha256": data.hexdigest()[:16],
+        "lengths_sha256": hashlib.sha256(np.asarray(lengths, dtype=np.int64).tobytes()).hexdigest()[:16],
+        "global_batch_size": cfg.global_batch_size,
+        "seed": cfg.seed,
+        "group_by_length": cfg.group_by_length,
+    }
+
+
+def check_same_run(checkpoint: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse to continue a checkpoint under a different sample order: some samples would be seen twice and others
+    never, with nothing in the log to say so. Checkpoints from before identities were recorded pass."""
+    if not saved or saved == current:
+        return
+    changes = []
+    if saved.get("data_sha256") != current["data_sha256"]:
+        changes.append(f"the usable training records differ ({saved.get('records')} then, {current['records']} now)")
+    elif saved.get("lengths_sha256") != current["lengths_sha256"]:
+        changes.append("the samples' lengths differ (another number of image tokens per image)")
+    for key in ("global_batch_size", "seed", "group_by_length"):
+        if saved.get(key) != current[key]:
+            changes.append(f"{key} was {saved.get(key)}, now {current[key]}")
+    raise ConfigError(
+        f"{checkpoint} belongs to a run with other data or batching: {'; '.join(changes)}. Resuming would replay "
+        f"a different sample order. To continue that run, run it with its own settings and data; to train anew "
+        f"from its projector, use --init-projector {checkpoint} with a new --output-dir (or --resume no there)"
+    )
+
+
 def apply_optimizer_settings(cfg: TrainConfig, optimizer: Any, scheduler: Any, log: Any) -> None:
     """This run's optimiser settings over the ones a checkpoint brought back: resuming with a lower --lr (what the
     non-finite guard advises) must lower it. With unchanged settings every value is the one restored."""
@@ -259,9 +297,6 @@ def train(cfg: TrainConfig) -> Path:
             f"({cfg.micro_batch_size} x {world})"
         )
     log = logger.info if accelerator.is_main_process else (lambda *_: None)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / "train_config.yaml")
     log(f"run directory {run_dir}; {world} process(es)")
 
     # 1. The model: frozen tower and LM in the compute dtype, fp32 projector (the trainable master weights).
@@ -309,11 +344,17 @@ def train(cfg: TrainConfig) -> Path:
 
     # 5. Resume from the newest complete checkpoint.
     state = TrainState()
+    identity = run_identity(cfg, records, lengths)
     resume_from = _resume_path(cfg, run_dir)
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        check_same_run(resume_from, state.run, identity)
         apply_optimizer_settings(cfg, optimizer, scheduler, log)
         log(f"resumed from {resume_from} at step {state.step}")
+    state.run = identity
+    if accelerator.is_main_process:  # after the resume checks: a refused run leaves the old run's settings alone
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "train_config.yaml")
     shapes = [tuple(p.shape) for p in params]
     model, optimizer = accelerator.prepare(model, optimizer)
     core: VisionLanguageModel = accelerator.unwrap_model(model)
@@ -334,7 +375,8 @@ def train(cfg: TrainConfig) -> Path:
     # 6. The loop: one optimizer step per global batch.
     batches = iter(loader)
     bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="align")
-    started, start_samples = time.time() - state.elapsed, state.samples
+    started, start_samples = time.time(), state.samples
+    earlier = state.elapsed  # the time of the run before it was resumed
     model.train()
     grad_norm = torch.tensor(float("nan"))
 
@@ -397,8 +439,9 @@ def train(cfg: TrainConfig) -> Path:
                     f"{state.skipped} of {seen} samples were unusable (unreadable images, or no answer left within "
                     f"max_length={cfg.max_length}), more than max_bad_fraction={cfg.max_bad_fraction:.1%}"
                 )
-            state.elapsed = time.time() - started
-            rate = (state.samples - start_samples) / max(1e-9, time.time() - started - 0.0)
+            now = time.time()
+            state.elapsed = earlier + now - started
+            rate = (state.samples - start_samples) / max(1e-9, now - started)  # this session's samples and time
             lr = scheduler.get_last_lr()[0]
             bar.set_postfix(loss=f"{state.last_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
             bar.update(1)

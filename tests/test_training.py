@@ -546,3 +546,25 @@ def test_a_short_run_with_no_usable_sample_fails_and_says_why(micro_world, tmp_p
     with pytest.raises(VLMError, match=r"none of the 16 samples could be used .*max_length=8"):
         train(parse_args(_flags(micro_world, tmp_path / "run", **{"max-steps": 2, "max-length": 8})))
     assert not (tmp_path / "run" / "projector.safetensors").exists()
+
+
+def test_resuming_under_other_data_or_batching_is_refused(micro_world, tmp_path):
+    """A checkpoint continues only the sample order it was written in; the refused run leaves the old run's files."""
+    out = tmp_path / "run"
+    train(parse_args(_flags(micro_world, out, **{"max-steps": 2})))
+    settings = (out / "train_config.yaml").read_text()
+    fewer = tmp_path / "fewer.json"
+    fewer.write_text(json.dumps(load_records(micro_world.train_json)[:-8]))
+    reformatted = tmp_path / "reformatted.jsonl"
+    reformatted.write_text("".join(json.dumps(r) + "\n" for r in load_records(micro_world.train_json)))
+    for changes, message in [
+        ({"seed": 6}, r"seed was 5, now 6"),
+        ({"global-batch-size": 4}, r"global_batch_size was 8, now 4"),
+        ({"data": fewer}, r"the usable training records differ \(288 then, 280 now\)"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"step-00000002 belongs to a run with other data .*{message}"):
+            train(parse_args(_flags(micro_world, out, **{"max-steps": 4, **changes})))
+    assert (out / "train_config.yaml").read_text() == settings
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
+    train(parse_args(_flags(micro_world, out, **{"max-steps": 4, "data": reformatted})))  # the same records
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
