@@ -48,7 +48,8 @@ class TrainConfig:
     projector_type: str = "mlp2x_gelu"
     """`linear` or `mlpNx_gelu`."""
     init_projector: str | None = None
-    """Start from these projector weights: an adapter directory or a LLaVA mm_projector file (stage 2)."""
+    """Start from these projector weights: an adapter directory or a LLaVA mm_projector file (stage 2); `none`
+    starts from a fresh projector where the recipe names one."""
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     """System prompt of every training conversation that has none (never empty)."""
     caption_prompt: str | None = None

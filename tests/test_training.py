@@ -514,6 +514,16 @@ def test_init_projector_from_an_unfinished_run_says_so(tmp_path):
         init_projector(model, TrainConfig(init_projector=str(tmp_path)))
 
 
+def test_init_projector_none_clears_a_recipes_starting_point():
+    from projector_training.train import init_projector
+
+    cfg = parse_args(["--recipe", "stage2-frozen-lm-7b", "--init-projector", "none"])
+    model = SimpleNamespace(projector=torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    init_projector(model, cfg)  # a fresh seeded projector; no `runs/llava15-stage1-7b` needed
+    torch.manual_seed(cfg.seed)
+    assert torch.equal(model.projector[0].weight, torch.nn.Linear(2, 2).weight)
+
+
 def test_an_overflowed_gradient_is_skipped_not_spread_into_the_weights(micro_world, tmp_path, monkeypatch):
     """A finite loss with an inf gradient (a bf16 backward overflow): clipping would make every weight NaN."""
     import projector_training.train as training
