@@ -133,3 +133,30 @@ def test_a_tokenizer_that_cleans_up_spaces_streams_the_text_uncleaned(tokenizer)
     finally:
         tokenizer.clean_up_tokenization_spaces = False
         setattr(tokenizer, force, False)
+
+
+def test_blocked_word_ids_are_banned_where_a_word_starts_not_inside_one(tokenizer):
+    """The token-level ban matches whole words as the text filter does: after a space or a newline, not after a
+    letter (blocking "red" must not stop the model from spelling a word that ends in those letters)."""
+    import torch
+
+    from vlm.generation import BlockedWordsProcessor
+
+    processor = BlockedWordsProcessor(tokenizer, ["Red"], torch.device("cpu"))
+    letter = tokenizer.encode("the", add_special_tokens=False)[-1]
+    newline = tokenizer.encode("\n", add_special_tokens=False)[-1]
+    assert re.search(r"\w$", tokenizer.decode([letter])) and tokenizer.decode([newline]) == "\n"
+    spellings = ("red", "Red", "RED", " red", " Red", " RED")
+    last_ids = {tokenizer.encode(s, add_special_tokens=False)[-1] for s in spellings}
+
+    def banned(context, spelling):
+        """Whether the id that would complete `spelling` right after `context` is banned."""
+        ids = tokenizer.encode(spelling, add_special_tokens=False)
+        scores = processor(torch.tensor([context + ids[:-1]]), torch.zeros(1, len(tokenizer) + 4))
+        assert set(torch.isinf(scores[0]).nonzero().view(-1).tolist()) <= last_ids  # nothing else is touched
+        return bool(torch.isinf(scores[0, ids[-1]]))
+
+    for spelling in spellings[:3]:
+        assert banned([newline], spelling) and not banned([letter], spelling)
+        assert banned([letter], " " + spelling)
+    assert not banned([newline], " green")

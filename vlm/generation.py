@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import numbers
 import re
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import (
     LogitsProcessorList,
-    NoBadWordsLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -91,9 +91,54 @@ class GenerationOptions:
         return cls(**{k: v for k, v in kwargs.items() if v is not None})
 
 
-def _word_variants(word: str) -> set[str]:
-    forms = {word, word.lower(), word.capitalize(), word.upper()}
-    return forms | {" " + f for f in forms}
+_WORD_ENDS: weakref.WeakKeyDictionary[Any, torch.Tensor] = weakref.WeakKeyDictionary()
+
+
+def _word_end_ids(tokenizer: Any) -> torch.Tensor:
+    """(V,) bool: which ids decode to text that ends in a letter or digit (computed once per tokenizer)."""
+    table = _WORD_ENDS.get(tokenizer)
+    if table is None:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False)
+        table = _WORD_ENDS[tokenizer] = torch.tensor([bool(re.search(r"\w$", t)) for t in texts])
+    return table
+
+
+class BlockedWordsProcessor:
+    """Bans the token sequences that spell a blocked word (as written, lower-case, capitalised, upper-case), as
+    whole words the way the text filter matches them: a spelling after a space always, a bare spelling only where
+    a word can start (the id before it does not end in a letter or digit), so blocking "ass" leaves "cl" + "ass"
+    alone. A token sequence may still run on into a longer word; the text filter lets such words through."""
+
+    def __init__(self, tokenizer: Any, words: list[str], device: torch.device):
+        sequences = set()
+        for word in words:
+            whole = re.match(r"\w", word[0]) is not None  # a word starting with punctuation has no left boundary
+            for form in {word, word.lower(), word.capitalize(), word.upper()}:
+                for text, bare in ((" " + form, False), (form, whole)):
+                    ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+                    if ids:
+                        sequences.add((ids, bare))
+        # (the ids before the last, on the device; the last id; whether it is bare), longest first
+        self.sequences = [
+            (torch.tensor(ids[:-1], device=device), ids[-1], bare)
+            for ids, bare in sorted(sequences, key=lambda item: (-len(item[0]), item))
+        ]
+        self.word_end = _word_end_ids(tokenizer).to(device) if any(bare for _, bare in sequences) else None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T), scores (B, V) -> scores with the last id of every sequence now complete set to -inf."""
+        if self.word_end is not None and len(self.word_end) < scores.shape[1]:  # ids past the tokenizer's
+            beyond = self.word_end.new_zeros(scores.shape[1] - len(self.word_end))
+            self.word_end = torch.cat([self.word_end, beyond])
+        length = input_ids.shape[1]
+        for prefix, last, bare in self.sequences:
+            if len(prefix) + bare > length:
+                continue
+            banned = (input_ids[:, length - len(prefix) :] == prefix).all(dim=1)  # all() of nothing: True
+            if bare:
+                banned &= ~self.word_end[input_ids[:, -len(prefix) - 1]]
+            scores[:, last].masked_fill_(banned, float("-inf"))
+        return scores
 
 
 class TokenSelector:
@@ -106,12 +151,7 @@ class TokenSelector:
         if options.repetition_penalty != 1.0:
             processors.append(RepetitionPenaltyLogitsProcessor(options.repetition_penalty))
         if options.blocked_words:
-            bad = {
-                tuple(tokenizer.encode(v, add_special_tokens=False))
-                for w in options.blocked_words
-                for v in _word_variants(w)
-            }
-            processors.append(NoBadWordsLogitsProcessor([list(b) for b in bad if b]))
+            processors.append(BlockedWordsProcessor(tokenizer, options.blocked_words, device))
         if not self.greedy:
             processors.append(TemperatureLogitsWarper(options.temperature))
             if options.top_k > 0:
