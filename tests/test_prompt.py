@@ -117,6 +117,33 @@ def test_several_images_in_order(tokenizer, tokens):
     assert chat.input_ids.count(tokens.image) == 3 * NUM_IMAGE_TOKENS
 
 
+def test_images_come_first_in_a_user_turn_as_llava_trained(tokenizer, tokens):
+    """LLaVA-1.5 moves `<image>` to the front of each question and strips the text, in training and at inference:
+    a question written before its image (OpenAI's order) must reach the LM in the same form."""
+    image_last = [
+        {"role": "user", "content": [{"type": "text", "text": "What shape? \n"}, {"type": "image", "image": "a"}]}
+    ]
+    image_first = [
+        {"role": "user", "content": [{"type": "image", "image": "a"}, {"type": "text", "text": "What shape?"}]}
+    ]
+    assert render_text(normalize_messages(image_last, "S")) == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n<image>\nWhat shape?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert encode(tokenizer, tokens, image_last) == encode(tokenizer, tokens, image_first)
+    between = [
+        {
+            "role": "user",
+            "content": ["Compare ", {"type": "image", "image": "a"}, " with ", {"type": "image", "image": "b"}],
+        }
+    ]
+    assert render_text(normalize_messages(between, "S"), add_generation_prompt=False).endswith(
+        "user\n<image>\n<image>\nCompare  with<|im_end|>\n"
+    )
+    assert encode(tokenizer, tokens, between).images == ["a", "b"]
+    text_only = [{"role": "user", "content": ["  spaces kept \n"]}]
+    assert "user\n  spaces kept \n<|im_end|>" in render_text(normalize_messages(text_only, "S"))
+
+
 @pytest.mark.parametrize(
     ("messages", "match"),
     [

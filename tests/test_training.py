@@ -24,7 +24,7 @@ from projector_training.data import GlobalBatchSampler, load_records, record_to_
 from projector_training.memory import candidate_micro_batches, fit_micro_batch
 from projector_training.train import check_records, train
 from vlm.errors import ConfigError, VLMError
-from vlm.prompt import IGNORE_INDEX, EncodedChat
+from vlm.prompt import IGNORE_INDEX, EncodedChat, normalize_messages, render_text
 
 
 @pytest.fixture(scope="session")
@@ -308,6 +308,8 @@ def test_records_text_only_multi_turn_and_image_positions(tmp_path):
         root,
     )
     assert _texts(end)[0] == ("user", ["Render a clear and concise summary of the photo.\n", "IMG"])
+    rendered = render_text(normalize_messages(end, "S"), add_generation_prompt=False)
+    assert "user\n<image>\nRender a clear and concise summary of the photo.<|im_end|>" in rendered  # as LLaVA trains
 
     two = record_to_messages(
         _record(("human", "<image> vs <image>"), ("gpt", "same"), ("human", "sure?"), ("gpt", "yes"), image=["a", "b"]),

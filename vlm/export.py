@@ -239,9 +239,9 @@ def to_llava_hf(model: VisionLanguageModel) -> Any:
 def chatml_template(default_system: str, image_token: str = "<image>") -> str:
     """The Jinja chat template that renders exactly what `vlm.prompt.render_text` renders.
 
-    A first system message with non-blank text is used, otherwise `default_system`; each image part
-    becomes `image_token` + newline; text parts are copied as they are; `add_generation_prompt` opens
-    the assistant turn.
+    A first system message with non-blank text is used, otherwise `default_system`; in a turn with images,
+    each becomes `image_token` + newline, all ahead of the turn's text, which is stripped; other text is
+    copied as it is; `add_generation_prompt` opens the assistant turn.
     """
     system_literal = json.dumps(default_system, ensure_ascii=False)
     image_literal = json.dumps(image_token + "\n", ensure_ascii=False)
@@ -278,9 +278,16 @@ def chatml_template(default_system: str, image_token: str = "<image>") -> str:
             {{{{- message['content'] -}}}}
         {{%- elif message['content'] is not none -%}}
             {{#- a loop over message['content'] itself, which servers read as "takes a list of parts" -#}}
+            {{%- set parts = namespace(images='', text='') -%}}
             {{%- for part in message['content'] -%}}
-                {{{{- render([part]) -}}}}
+                {{%- if part is not string and part['type'] == 'image' -%}}
+                    {{%- set parts.images = parts.images + {image_literal} -%}}
+                {{%- else -%}}
+                    {{%- set parts.text = parts.text + render([part]) -%}}
+                {{%- endif -%}}
             {{%- endfor -%}}
+            {{#- the images first and the text stripped, as LLaVA-1.5 was trained -#}}
+            {{{{- parts.images + (parts.text | trim if parts.images else parts.text) -}}}}
         {{%- endif -%}}
         {{{{- '<|im_end|>\\n' -}}}}
     {{%- endif -%}}

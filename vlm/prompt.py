@@ -3,7 +3,7 @@
 Rendering (CausalLM is prompted in ChatML, and its system prompt must never be empty):
 
     <|im_start|>system\\n{system}<|im_end|>\\n
-    <|im_start|>user\\n{image slots}\\n{text}<|im_end|>\\n
+    <|im_start|>user\\n{image slots}\\n{text}<|im_end|>\\n     (each image first, as LLaVA-1.5: `_images_first`)
     <|im_start|>assistant\\n{answer}<|im_end|>\\n
     ...
     <|im_start|>assistant\\n                      (generation prompt)
@@ -121,6 +121,14 @@ def _parts(content: Any, role: str) -> list[str | ImagePart]:
     return parts
 
 
+def _images_first(parts: list[str | ImagePart]) -> list[str | ImagePart]:
+    """A user turn with images as LLaVA-1.5 was trained on it: every image first, then the text with the whitespace
+    around it stripped (LLaVA moves `<image>` to the front of its training text and of each question). Text
+    written before an image otherwise ends up glued to the image slots, a prompt the LM never saw."""
+    text = "".join(p for p in parts if isinstance(p, str)).strip()
+    return [*(p for p in parts if isinstance(p, ImagePart)), *([text] if text else [])]
+
+
 def normalize_messages(messages: Sequence[Mapping[str, Any]], default_system: str) -> list[Message]:
     """OpenAI-style messages -> `Message`s, starting with a non-empty system message."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
@@ -140,6 +148,8 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]], default_system: st
                 raise PromptError("the system message cannot contain images")
         if role == "assistant" and any(isinstance(p, ImagePart) for p in parts):
             raise PromptError("assistant messages cannot contain images")
+        if role == "user" and any(isinstance(p, ImagePart) for p in parts):
+            parts = _images_first(parts)
         out.append(Message(role, parts))
     system_text = "".join(out[0].parts) if out and out[0].role == "system" else ""
     if out and out[0].role == "system":
