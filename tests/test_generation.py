@@ -160,3 +160,37 @@ def test_blocked_word_ids_are_banned_where_a_word_starts_not_inside_one(tokenize
         assert banned([newline], spelling) and not banned([letter], spelling)
         assert banned([letter], " " + spelling)
     assert not banned([newline], " green")
+
+
+class BytesTokenizer:
+    """Ids are byte strings (as a byte-level BPE's are): a token may end in half a UTF-8 character."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode(self, ids, **_):
+        return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def test_the_earliest_stop_string_wins_whatever_their_order(tokenizer):
+    ids = tokenizer.encode("a small red star", add_special_tokens=False)
+    for stop in (["sm", "all"], ["all", "sm"], ["red", "a sm"]):
+        _, shown, stopped = stream(tokenizer, ids, stop=stop)
+        assert stopped and shown[-1] == "a small red star"[: min("a small red star".find(s) for s in stop)]
+
+
+def test_a_stop_string_completed_by_the_last_ids_is_still_cut():
+    """The id that completes "END" also starts a character the answer never finishes: only `finish` decodes it."""
+    tokenizer = BytesTokenizer([b"abc ", b"EN", b"D\xc3", b"more"])
+    _, shown, _ = stream(tokenizer, [0, 1, 2], stop=["END"])
+    assert shown[-1] == "abc "
+    _, shown, _ = stream(tokenizer, [0, 1, 2, 3], stop=["Z"])
+    assert shown[-1] == "abc END\ufffdmore"
+
+
+def test_only_text_that_could_start_a_stop_string_is_held_back(tokenizer):
+    ids = tokenizer.encode("the red circle", add_special_tokens=False)
+    pieces, shown, _ = stream(tokenizer, ids, stop=["STOP"])
+    assert pieces[0] == tokenizer.decode(ids[:1])  # nothing here can begin "STOP": shown at once
+    _, shown, stopped = stream(BytesTokenizer([b"x S", b"T", b"OP"]), [0, 1, 2], stop=["STOP"])
+    assert shown == ["x ", "x ", "x "] and stopped

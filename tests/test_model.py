@@ -169,10 +169,12 @@ def test_over_long_input_is_refused_before_compute(tiny_adapter, rgb_images):
     [
         {"temperature": -1}, {"top_p": 0}, {"max_new_tokens": 0}, {"top_k": -2}, {"colour": "red"},
         {"max_new_tokens": 2.5}, {"temperature": "0.7"}, {"stop": 5}, {"blocked_words": [None]}, {"seed": "1"},
+        {"temperature": float("inf")}, {"temperature": float("nan")}, {"repetition_penalty": float("nan")},
+        {"seed": 2**64}, {"seed": -(2**63) - 1},
     ],
 )  # fmt: skip
 def test_bad_generation_options(tiny_model, rgb_images, options):
-    with pytest.raises(VLMError):
+    with pytest.raises(VLMError, match=next(iter(options))):  # a VLMError that names the option
         tiny_model.caption(rgb_images[0], **options)
 
 

@@ -6,6 +6,7 @@ model: choosing the next token from logits and turning a growing list of ids int
 
 from __future__ import annotations
 
+import math
 import numbers
 import re
 import weakref
@@ -74,7 +75,11 @@ class GenerationOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise VLMError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise VLMError(f"{name} must be a finite number, got {value!r}")
             setattr(self, name, float(value))
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise VLMError(f"seed must fit in 64 bits (0 to 2**64 - 1), got {self.seed}")
         for name in ("stop", "blocked_words"):
             value = getattr(self, name)
             value = [] if value is None else [value] if isinstance(value, str) else value
@@ -107,7 +112,9 @@ class BlockedWordsProcessor:
     """Bans the token sequences that spell a blocked word (as written, lower-case, capitalised, upper-case), as
     whole words the way the text filter matches them: a spelling after a space always, a bare spelling only where
     a word can start (the id before it does not end in a letter or digit), so blocking "ass" leaves "cl" + "ass"
-    alone. A token sequence may still run on into a longer word; the text filter lets such words through."""
+    alone. The ban acts when a word's ids are complete, before the next id shows whether the word goes on, so a
+    longer word that starts with the same ids is steered away from too (rare with a large vocabulary, where most
+    words are one id, and the text filter itself lets such words through)."""
 
     def __init__(self, tokenizer: Any, words: list[str], device: torch.device):
         sequences = set()
@@ -210,7 +217,6 @@ class TextAssembler:
         self.longest_blocked = max((len(w) for w in blocked_words), default=0)
         self.settled = ""  # the filtered text of raw[: settled_raw], which no later text can change
         self.settled_raw = 0
-        self.hold = max([len(s) for s in stop] + [1]) - 1  # a stop string may be starting in the last `hold`
 
     def _decode(self, final: bool = False) -> None:
         """Append the text of the ids since `read` to `raw`, unless it ends in a split character (then
@@ -260,12 +266,10 @@ class TextAssembler:
         self.ids.append(token_id)
         self._decode()
         text = self._text()
-        for s in self.stop:
-            at = text.find(s, max(0, self.emitted - len(s)))
-            if at != -1:
-                self.stopped = True
-                return self._emit(text[:at])
-        ready = len(text) - self.hold
+        if (at := self._stop_at(text)) is not None:
+            self.stopped = True
+            return self._emit(text[:at])
+        ready = len(text) - self._stop_prefix(text)
         if self.blocked is not None:  # a replacement changes the length: only the settled text is final
             ready = min(ready, len(self.settled))
         return self._emit(text[: max(self.emitted, ready)])
@@ -275,7 +279,23 @@ class TextAssembler:
         if self.stopped:
             return ""
         self._decode(final=True)
-        return self._emit(self._text())
+        text = self._text()
+        if (at := self._stop_at(text)) is not None:  # the last ids may complete a stop string too
+            self.stopped = True
+            return self._emit(text[:at])
+        return self._emit(text)
+
+    def _stop_at(self, text: str) -> int | None:
+        """Where the earliest stop string in `text` starts (None if there is none): when one token brings two, the
+        text ends before the first, whichever order they were given in."""
+        found = [at for s in self.stop if (at := text.find(s, max(0, self.emitted - len(s)))) != -1]
+        return min(found, default=None)
+
+    def _stop_prefix(self, text: str) -> int:
+        """The length of the longest end of `text` that a stop string starts with: only that much is held back."""
+        return max(
+            (k for s in self.stop for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), default=0
+        )
 
     def _emit(self, upto: str) -> str:
         piece = upto[self.emitted :]
