@@ -15,7 +15,7 @@ from vlm.config import PRESETS, AdapterConfig
 from vlm.errors import ConfigError, InsufficientMemoryError, PromptError, VLMError
 from vlm.model import check_memory
 from vlm.projector import build_projector, load_llava_projector
-from vlm.vision import OpenCLIPTower, preprocess_image
+from vlm.vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, OpenCLIPTower, preprocess_image
 
 from .conftest import make_adapter
 
@@ -228,23 +228,42 @@ def test_preprocess_modes():
         preprocess_image(wide, 16, mean, std, "stretch")
 
 
-@pytest.mark.parametrize("width, height", [(47, 30), (30, 47), (33, 100), (100, 33), (64, 35)])
-def test_crop_mode_equals_clips_own_transform(width, height):
-    """`crop` is CLIP's torchvision transform exactly (sizes truncated, e.g. 100 x 32 / 33 -> 96, not 97)."""
+@pytest.mark.parametrize(
+    "width, height, size",
+    [(47, 30, 32), (30, 47, 32), (33, 100, 32), (100, 33, 32), (64, 35, 32), (214, 107, 224), (227, 224, 224)],
+)
+def test_crop_mode_equals_clips_own_transform(width, height, size):
+    """`crop` is CLIP's torchvision transform exactly: sizes truncated (100 x 32 / 33 -> 96, not 97; but 224 x 214
+    / 107 is 448 however the float division rounds), crop offsets rounded (227 - 224 -> 2, not 1)."""
     from torchvision import transforms
 
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     clip = transforms.Compose(
         [
-            transforms.Resize(32, interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(32),
+            transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(size),
             transforms.ToTensor(),
             transforms.Normalize(mean, std),
         ]
     )
     pixels = np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8)
     image = Image.fromarray(pixels)
-    assert torch.equal(preprocess_image(image, 32, mean, std, "crop"), clip(image))
+    assert torch.equal(preprocess_image(image, size, mean, std, "crop"), clip(image))
+
+
+@pytest.mark.parametrize("aspect", ["pad", "crop", "resize"])
+def test_extreme_aspect_ratios_take_little_memory(aspect):
+    """A 60000 x 1 PNG is 256 bytes and passes the pixel limit; padding it to a square would take 10 GB, and
+    resizing its short side to the tower's size 6.7 billion pixels. Both are shrunk first."""
+    import resource
+
+    mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    line = Image.new("RGB", (60000, 1), (200, 30, 30))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for image in (line, line.transpose(Image.Transpose.ROTATE_90)):
+        pixels = preprocess_image(image, 336, mean, std, aspect)
+        assert pixels.shape == (3, 336, 336) and torch.isfinite(pixels).all()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 1_000_000  # KiB: under 1 GB more
 
 
 def test_loading_errors_are_clear(tmp_path, tiny_lm_path, tiny_clip_path):
@@ -482,3 +501,23 @@ def test_graphed_tower_bookkeeping_replays_on_fresh_inputs_and_keeps_recent_shap
         assert torch.equal(tiny_model.encode_images(pixels, graphed=True), plain)  # eager from now on
     finally:
         tiny_model._graphed_vision = None
+
+
+@pytest.mark.parametrize(
+    ("name", "pretrained", "quick_gelu"),
+    [("ViT-L-14-336", "openai", True), ("ViT-B-32", "laion2b_s34b_b79k", False), ("ViT-L-14-336", __file__, False)],
+)
+def test_open_clip_openai_weights_get_quickgelu(monkeypatch, name, pretrained, quick_gelu):
+    """open_clip builds `ViT-L-14-336` with GELU and only warns when OpenAI's QuickGELU weights are loaded into it."""
+    import open_clip
+
+    seen = {}
+
+    def create_model(model_name, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here: no weights offline")
+
+    monkeypatch.setattr(open_clip, "create_model", create_model)
+    with pytest.raises(ConfigError, match="could not load open_clip model"):
+        OpenCLIPTower(name, pretrained=pretrained)
+    assert seen["force_quick_gelu"] is quick_gelu

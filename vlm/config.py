@@ -75,7 +75,8 @@ class AdapterConfig:
     """`hf` for transformers `CLIPVisionModel`, `open_clip` for open_clip_torch."""
 
     vision_pretrained: str | None = None
-    """open_clip only: a pretrained tag (`openai`) or a checkpoint file, for plain model names."""
+    """open_clip only: a pretrained tag (`openai`) or a checkpoint file, for plain model names (a file of OpenAI
+    weights goes with a `-quickgelu` model name)."""
 
     select_layer: int = -2
     """Which hidden state of the tower feeds the projector, HF-style: 0 is the embeddings, -1 the last

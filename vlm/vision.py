@@ -8,6 +8,7 @@ block k, so -2 is the second-to-last block (LLaVA-1.5's choice).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +22,8 @@ __all__ = ["HFCLIPTower", "OpenCLIPTower", "VisionTower", "build_vision_tower", 
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_PAD_SIDE = 8192  # `pad`: longer sides are shrunk to this before padding (a 200 MB canvas at most)
+MAX_CROP_RATIO = 16  # `crop`: of a longer side, only the centre 16 x the short side is resized
 
 
 def preprocess_image(
@@ -33,6 +36,24 @@ def preprocess_image(
     """
     image = image.convert("RGB")
     width, height = image.size
+    long, short = max(width, height), min(width, height)
+    if aspect == "pad" and long > MAX_PAD_SIDE:
+        # The square canvas would take long² pixels (a 60000 x 1 PNG of 256 bytes: 10 GB): shrink first, which
+        # changes only images this large.
+        scale = MAX_PAD_SIDE / long
+        width, height = max(1, round(width * scale)), max(1, round(height * scale))
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+    elif aspect == "crop" and long > MAX_CROP_RATIO * short:
+        # Resizing the short side to `size` would make the long one enormous: keep only the centre the crop takes
+        # from, with a wide margin.
+        keep = MAX_CROP_RATIO * short
+        box = (
+            ((width - keep) // 2, 0, (width - keep) // 2 + keep, height)
+            if width > height
+            else (0, (height - keep) // 2, width, (height - keep) // 2 + keep)
+        )
+        image = image.crop(box)
+        width, height = image.size
     if aspect == "pad":
         if width != height:
             side = max(width, height)
@@ -44,10 +65,11 @@ def preprocess_image(
     elif aspect == "resize":
         image = image.resize((size, size), Image.Resampling.BICUBIC)
     elif aspect == "crop":
-        scale = size / min(width, height)
-        new_w, new_h = max(size, int(width * scale)), max(size, int(height * scale))  # truncated, as torchvision
+        # torchvision's (and transformers') arithmetic: the long side truncated, the offsets rounded
+        short = min(width, height)
+        new_w, new_h = (size, int(size * height / short)) if width == short else (int(size * width / short), size)
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        left, top = (new_w - size) // 2, (new_h - size) // 2
+        left, top = round((new_w - size) / 2.0), round((new_h - size) / 2.0)
         image = image.crop((left, top, left + size, top + size))
     else:
         raise ConfigError(f"unknown image aspect mode {aspect!r}: use 'pad', 'resize' or 'crop'")
@@ -136,7 +158,9 @@ class HFCLIPTower(VisionTower):
 
 class OpenCLIPTower(VisionTower):
     """The visual half of an open_clip model: `ViT-L-14-336` + a pretrained tag or checkpoint file,
-    `hf-hub:org/repo`, or `local-dir:/path`. Only OpenAI-style `VisionTransformer` towers are supported."""
+    `hf-hub:org/repo`, or `local-dir:/path`. Only OpenAI-style `VisionTransformer` towers are supported.
+    A tag that needs QuickGELU (`openai`) gets it; a checkpoint file of OpenAI weights needs the `-quickgelu`
+    name (`ViT-L-14-336-quickgelu`), since a file does not say which activation it was trained with."""
 
     def __init__(
         self,
@@ -158,7 +182,14 @@ class OpenCLIPTower(VisionTower):
                 "`hf-hub:org/repo` or `local-dir:/path`"
             )
         try:
-            clip = open_clip.create_model(name, pretrained=pretrained, device="cpu")
+            # OpenAI's weights were trained with QuickGELU, which a plain name such as `ViT-L-14-336` does not build:
+            # open_clip only warns, and the tower would run with GELU. The tag's own config says which it needs.
+            quick_gelu = bool(
+                pretrained
+                and not Path(pretrained).is_file()
+                and open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False)
+            )
+            clip = open_clip.create_model(name, pretrained=pretrained, device="cpu", force_quick_gelu=quick_gelu)
         except (OSError, RuntimeError, ValueError) as e:
             raise ConfigError(f"could not load open_clip model {name!r} (pretrained={pretrained!r}): {e}") from e
         visual = clip.visual
