@@ -15,6 +15,7 @@ Gradio's own cache when the UI is built), and one generation at a time.
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing
 from pathlib import Path
@@ -98,6 +99,8 @@ def history_to_messages(history: Sequence[Mapping[str, Any]]) -> list[dict[str, 
         if not parts:
             continue
         if messages and messages[-1]["role"] == role:
+            if any(p["type"] == "text" for p in messages[-1]["content"]) and any(p["type"] == "text" for p in parts):
+                parts = [{"type": "text", "text": "\n"}, *parts]  # two questions in a row stay apart
             messages[-1]["content"].extend(parts)
         else:
             messages.append({"role": role, "content": parts})
@@ -139,6 +142,7 @@ def respond(
     if not user["content"]:
         yield f"{WARNING}Type a question or attach an image."
         return
+    system_prompt, blocked_words = system_prompt or "", blocked_words or ""  # the API may send null
     system = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
     messages = [*system, *history_to_messages(history), user]
     answer = ""
@@ -158,8 +162,8 @@ def respond(
     except vlm.VLMError as e:
         yield f"{WARNING}{e}"
         return
-    if not answer:
-        yield "(no answer: the model stopped at once)"
+    if not answer:  # a warning, so the empty exchange is not sent back to the model as a real one
+        yield f"{WARNING}No answer: the model stopped at once."
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,7 +247,7 @@ def build_app(model: vlm.VisionLanguageModel, examples: Sequence[Example] | None
             placeholder="e.g. foo, bar baz",
         ),
     ]
-    return gr.ChatInterface(
+    interface = gr.ChatInterface(
         chat,
         multimodal=True,
         textbox=gr.MultimodalTextbox(
@@ -263,6 +267,31 @@ def build_app(model: vlm.VisionLanguageModel, examples: Sequence[Example] | None
         api_name="chat",
         analytics_enabled=False,
     )
+    # Gradio queues each event by its own function: the browser's submit, retry and example events and the /chat
+    # API would each let one generation in at a time, together several, blocking queue workers on the model's lock.
+    # One queue for every event that generates.
+    for event in interface.fns.values():
+        if getattr(event.fn, "__wrapped__", event.fn) is chat:
+            event.concurrency_id, event.concurrency_limit = "model", 1
+    return interface
+
+
+def _check_address(host: str, port: int | None) -> None:
+    """Fail now, in one line, if the server could not listen on host:port (a port in use, a host that is not
+    this machine's)."""
+    if port is None:
+        return
+    if not 0 < port < 65536:
+        raise vlm.VLMError(f"port {port} is not a TCP port (1-65535)")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(address)
+    except OSError as e:
+        raise vlm.VLMError(
+            f"cannot serve on {host}:{port} ({e.strerror or e}): another program (another demo?) may be using the "
+            "port, or the host is not an address of this machine; choose another --port or --host"
+        ) from None
 
 
 def launch(
@@ -280,6 +309,7 @@ def launch(
     """
     from transformers.utils import logging as hf_logging
 
+    _check_address(host, port)  # before loading a model of many GB (or training the toy one)
     if model is None:
         from projector_training.recipes import ensure_toy_adapter
 

@@ -54,11 +54,19 @@ def test_chat_streams_with_an_attached_image_and_exits_on_eof(tiny_adapter, rgb_
         (("caption", "IMG", "--device", "cuda:7"), "CUDA device"),  # no GPU here, or not eight
         (("caption", "IMG", "--device", "tpu9"), "unknown device"),
         (("caption", "IMG", "--dtype", "int8"), "unsupported dtype"),
+        (("ask", "IMG", "caf\udce9?"), "not UTF-8"),  # what Python makes of a Latin-1 argument
+        (("caption", "IMG", "--temperature", "nan"), "finite"),
+        (("export", "ADAPTER", "--to", "gguf-mmproj", "OUT.gguf", "--dtype", "int8"), "not a GGUF mmproj type"),
+        (("export", "ADAPTER", "--to", "llava-hf", "NONEMPTY"), "already exists"),
+        (("demo", "--port", "99999"), "not a TCP port"),
     ],
 )
-def test_user_mistakes_print_one_line_and_exit_2(tiny_adapter, rgb_images, args, message):
-    args = tuple(str(rgb_images[0]) if a == "IMG" else a for a in args)
-    if "--model" not in args:
+def test_user_mistakes_print_one_line_and_exit_2(tiny_adapter, rgb_images, tmp_path, args, message):
+    (tmp_path / "NONEMPTY").mkdir()
+    (tmp_path / "NONEMPTY" / "config.json").write_text("{}")
+    paths = {"IMG": rgb_images[0], "ADAPTER": tiny_adapter, "OUT.gguf": tmp_path / "OUT.gguf"}
+    args = tuple(str(paths.get(a, tmp_path / a if a == "NONEMPTY" else a)) for a in args)
+    if "--model" not in args and args[0] != "export":
         args = (*args, "--model", str(tiny_adapter))
     out = run(*args)
     assert out.returncode == 2
@@ -92,3 +100,49 @@ def test_export_and_import_llava_from_the_command_line(tiny_adapter, tmp_path):
     out = run("import-llava", str(tmp_path / "mm_projector.bin"), "--vision", model.config.vision_tower,
               "--lm", str(tmp_path / "nowhere"), str(tmp_path / "bad"))  # fmt: skip
     assert out.returncode == 2 and out.stderr.startswith("vlm: error:") and "Traceback" not in out.stderr
+
+
+def test_chat_paths_as_a_terminal_types_them_and_images_kept_after_a_failed_turn(tiny_adapter, rgb_images, tmp_path):
+    spaced = tmp_path / "my shape.png"
+    spaced.write_bytes(rgb_images[0].read_bytes())
+    model = vlm.load(tiny_adapter, device="cpu")
+    expected = model.chat(
+        [{"role": "user", "content": [{"type": "image", "image": spaced}, {"type": "text", "text": "what is this?"}]}],
+        max_new_tokens=4,
+    )
+    long_question = "why " * 1000  # over max_length: refused, and the image must stay attached
+    script = f"/image '{spaced}'\n{long_question}\nwhat is this?\n"
+    out = run("chat", "-m", str(tiny_adapter), "--max-new-tokens", "4", "--json", stdin=script)
+    assert out.returncode == 0, out.stderr
+    assert "over the limit" in out.stderr and "(1 image(s) still attached)" in out.stderr
+    assert [json.loads(line)["content"] for line in out.stdout.splitlines()] == [expected]
+
+
+def test_ctrl_c_stops_the_answer_not_the_chat(tiny_adapter, rgb_images, monkeypatch, capsys):
+    """The stream is interrupted mid-answer: the chat keeps the partial reply and reads the next question."""
+    import io
+
+    from vlm import cli
+    from vlm.model import VisionLanguageModel
+
+    chat = VisionLanguageModel.chat
+    calls = []
+
+    def interrupted(self, messages, stream=False, **kwargs):
+        calls.append([m["role"] for m in messages])
+        inner = chat(self, messages, stream=True, **kwargs)
+        if len(calls) > 1:
+            return inner
+
+        def pieces():
+            yield next(inner)
+            inner.close()
+            raise KeyboardInterrupt
+
+        return pieces()
+
+    monkeypatch.setattr(VisionLanguageModel, "chat", interrupted)
+    monkeypatch.setattr("sys.stdin", io.StringIO("first?\nsecond?\n"))
+    assert cli.main(["chat", "-m", str(tiny_adapter), "--max-new-tokens", "6", "--json"]) == 0
+    assert calls == [["user"], ["user", "assistant", "user"]]  # the partial answer stays in the conversation
+    assert len(capsys.readouterr().out.splitlines()) == 2

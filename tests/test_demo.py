@@ -155,6 +155,31 @@ def test_blocked_words_and_settings_reach_the_model(tiny_model, rgb_images):
     assert word not in filtered
 
 
+def test_every_generating_event_shares_one_queue_and_the_port_is_checked_first(tiny_model, tmp_path):
+    """Gradio queues events per function: the browser's submit and the /chat API would each let one generation in
+    at a time. And a busy port is a one-line error before any model is loaded."""
+    app = build_app(tiny_model, examples=[])
+    generating = [e for e in app.fns.values() if e.api_name == "chat" or e.name == "_submit_fn"]
+    assert len(generating) >= 2 and {(e.concurrency_id, e.concurrency_limit) for e in generating} == {("model", 1)}
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(vlm.VLMError, match=f"cannot serve on 127.0.0.1:{port}"):
+            launch(model=str(tmp_path / "not loaded"), port=port)
+
+
+def test_null_settings_and_an_empty_answer_do_not_reach_the_model(tiny_model, rgb_images, monkeypatch):
+    message = {"text": "Describe it.", "files": [str(rgb_images[0])]}
+    plain = list(respond(tiny_model, message, [], max_new_tokens=MAX_NEW_TOKENS))[-1]
+    assert list(respond(tiny_model, message, [], None, 0.0, 1.0, MAX_NEW_TOKENS, None))[-1] == plain  # API nulls
+    monkeypatch.setattr(tiny_model, "stop_ids", [*tiny_model.stop_ids, *range(len(tiny_model.tokenizer) + 4)])
+    empty = list(respond(tiny_model, message, [], max_new_tokens=MAX_NEW_TOKENS))[-1]
+    assert empty.startswith(WARNING)  # so the exchange is dropped from what later turns send
+    history = [{"role": "user", "content": "Describe it."}, {"role": "assistant", "content": empty}]
+    assert history_to_messages(history) == []
+
+
 def test_history_to_messages_reads_every_gradio_shape():
     history = [
         {"role": "user", "content": ("/c/a.png",)},  # an example's file, its own message
@@ -164,8 +189,18 @@ def test_history_to_messages_reads_every_gradio_shape():
         {"role": "assistant", "content": f"{WARNING}that is not an image"},
         {"role": "user", "content": "Q3"},
         {"role": "assistant", "content": "A3"},
+        {"role": "user", "content": "Q4, stopped before any answer"},
+        {"role": "user", "content": "Q5"},
     ]
-    assert history_to_messages(history) == [
+    assert history_to_messages(history)[-1] == {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "Q4, stopped before any answer"},
+            {"type": "text", "text": "\n"},
+            {"type": "text", "text": "Q5"},
+        ],
+    }
+    assert history_to_messages(history[:-2]) == [
         {
             "role": "user",
             "content": [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import types
 
 import numpy as np
@@ -521,3 +522,27 @@ def test_open_clip_openai_weights_get_quickgelu(monkeypatch, name, pretrained, q
     with pytest.raises(ConfigError, match="could not load open_clip model"):
         OpenCLIPTower(name, pretrained=pretrained)
     assert seen["force_quick_gelu"] is quick_gelu
+
+
+def test_a_stream_driven_from_a_thread_pool_makes_a_new_one_wait_not_fail(tiny_model, rgb_images):
+    """Gradio and Starlette advance a stream with whichever pooled thread is free, so a new stream may start on the
+    thread that just advanced another: that is a wait (the other stream moves on), not the same-thread error."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    messages = [{"role": "user", "content": [{"type": "image", "image": rgb_images[0]}, "What is it?"]}]
+    expected = tiny_model.chat(messages, max_new_tokens=6)
+    first = tiny_model.chat(messages, stream=True, max_new_tokens=6)
+    next(first)  # this thread took the model
+    with ThreadPoolExecutor(1) as other:
+        done = threading.Event()
+
+        def drive():  # another thread reads the first stream to its end, slowly, starting after this one waits
+            time.sleep(0.3)
+            for _ in first:
+                time.sleep(0.3)
+            done.set()
+
+        other.submit(drive)
+        assert tiny_model.chat(messages, max_new_tokens=6) == expected  # waits for `first`, then answers
+        assert done.is_set()

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from vlm.errors import VLMError
@@ -96,7 +98,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not line:
             continue
         if line == "/image" or line.startswith("/image "):
-            path = line.removeprefix("/image").strip()
+            path = _typed_path(line.removeprefix("/image").strip())
             if not path:
                 print("usage: /image PATH", file=sys.stderr)
                 continue
@@ -115,31 +117,53 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         content: list[Any] = [{"type": "image", "image": p} for p in pending] + [{"type": "text", "text": line}]
         messages.append({"role": "user", "content": content})
-        pending = []
-        pieces = []
+        pieces: list[str] = []
+        stream = model.chat(messages, stream=True, **kwargs)
         try:
-            for piece in model.chat(messages, stream=True, **kwargs):
+            for piece in stream:
                 pieces.append(piece)
                 if not args.json:
                     print(piece, end="", flush=True)
         except VLMError as e:
-            messages.pop()  # keep the conversation usable after a bad turn
-            print(f"error: {e}", file=sys.stderr)
+            messages.pop()  # keep the conversation usable after a bad turn, and the images attached
+            print(f"error: {e}" + (f" ({len(pending)} image(s) still attached)" if pending else ""), file=sys.stderr)
             continue
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
+            stream.close()
+            print("\n(stopped)" if interactive else "", file=sys.stderr)
+            if not pieces:
+                messages.pop()
+                continue
+        pending = []
         reply = "".join(pieces)
         print(json.dumps({"role": "assistant", "content": reply}) if args.json else "", flush=True)
         messages.append({"role": "assistant", "content": reply})
+
+
+def _typed_path(text: str) -> str:
+    """A path as typed or dropped into a terminal: quoted or backslash-escaped (spaces), `~` for home."""
+    try:
+        words = shlex.split(text)
+    except ValueError:  # an unbalanced quote: take the text as it is
+        words = [text]
+    return os.path.expanduser(" ".join(words)) if words else ""
+
+
+GGUF_FTYPES = {None: "f16", "float16": "f16", "f16": "f16", "float32": "f32", "f32": "f32"}
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from vlm import export
 
     if args.to == "llava-hf":
+        export.check_output_dir(Path(args.out))  # before loading a model of many GB
         if args.dtype is None:  # the checkpoint's own precision: a bf16 LM is not written out as float32
             args.dtype = export.lm_checkpoint_dtype(args.model)
         out = export.export_llava_hf(_load(args), args.out)
     else:
-        out = export.export_gguf_mmproj(args.model, args.out)
+        if args.dtype not in GGUF_FTYPES:
+            raise VLMError(f"--dtype {args.dtype} is not a GGUF mmproj type: use float16 (the default) or float32")
+        out = export.export_gguf_mmproj(args.model, args.out, ftype=GGUF_FTYPES[args.dtype])
     print(out)
     return 0
 
@@ -198,8 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="adapter directory")
     p.add_argument("--to", choices=["llava-hf", "gguf-mmproj"], required=True)
     p.add_argument("out", help="output directory (llava-hf) or .gguf file (gguf-mmproj)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, help="llava-hf weights' dtype (default: the LM checkpoint's)")
+    p.add_argument("--device", default="cpu", help="llava-hf: where the adapter is loaded to be written")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="weights' dtype: llava-hf (default: the LM checkpoint's), gguf-mmproj float16 (default) or float32",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import-llava", help="make an adapter from an original LLaVA mm_projector file")

@@ -185,14 +185,14 @@ def lm_checkpoint_dtype(adapter_dir: str | Path) -> str:
     return name if name in ("float32", "bfloat16", "float16") else "float32"
 
 
-def _empty_output(out: Path) -> None:
+def check_output_dir(out: Path) -> None:
     """Refuse to write over anything: an existing adapter, model or file at `out` is somebody's work."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} already exists and is not an empty directory; choose a new output path")
 
 
 def _publish(staging: Path, out: Path) -> None:
-    """Move a completely written `staging` directory to `out` (absent, or empty as `_empty_output` checked)."""
+    """Move a completely written `staging` directory to `out` (absent, or empty as `check_output_dir` checked)."""
     if out.exists():
         out.rmdir()
     staging.rename(out)
@@ -417,7 +417,7 @@ def export_llava_hf(model: VisionLanguageModel, out: str | Path) -> Path:
     from transformers import LlavaProcessor
 
     out = Path(out)
-    _empty_output(out)
+    check_output_dir(out)
     llava = to_llava_hf(model)
     llava.generation_config = _generation_config(model)
     tokenizer = _tokenizer_with_image_token(model)
@@ -660,7 +660,11 @@ def import_llava(
     from transformers import AutoConfig
 
     projector_path, out = Path(projector_path), Path(out)
-    _empty_output(out)
+    check_output_dir(out)
+    local = [("LM", lm)] + ([("vision tower", vision_tower)] if vision_backend == "hf" else [])
+    for what, name in local:  # a path, not a hub id: the hub's "Repo id must be in the form..." would mislead
+        if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+            raise ConfigError(f"the {what} {name!r} is not there: no such directory")
     state = load_llava_projector(projector_path)
     projector_type = _projector_type(state, projector_path)
     lm_dim, vision_dim = state["0.weight"].shape

@@ -34,6 +34,7 @@ __all__ = ["ModelOutput", "VisionLanguageModel", "build_model", "check_memory", 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
+SAME_THREAD_WAIT_S = 1.0  # how long a thread watches the stream it may itself be holding for progress
 
 
 @dataclass
@@ -105,7 +106,8 @@ class VisionLanguageModel(nn.Module):
         # transformers renamed `past_key_values` to `cache`; use whichever this version's LM takes.
         self._cache_kwarg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
         self._lock = threading.Lock()  # one generation at a time per model: the KV cache and GPU are shared
-        self._lock_owner: int | None = None  # the thread whose generation holds it
+        self._lock_owner: int | None = None  # the thread that last advanced the generation holding it
+        self._lock_steps = 0  # steps that generation has taken: progress made by whichever thread drives it
         self.decode_mode = "auto"
         """`auto` (static cache + CUDA graph on GPU for Llama LMs, else plain), `cuda_graph`, `static`
         (static cache without graph capture), `compiled` (as `cuda_graph` on GPU, with each decoder layer's
@@ -431,25 +433,35 @@ class VisionLanguageModel(nn.Module):
 
     @contextmanager
     def _generating(self) -> Iterator[None]:
-        """Hold the model for one generation. Other threads wait their turn; the thread whose own unfinished stream
-        holds it gets an error, where waiting would wait for itself forever."""
+        """Hold the model for one generation; other generations wait their turn. A thread whose own unfinished
+        stream holds the model would wait for itself forever, so it gets an error instead, unless that stream
+        moves on while it waits (a thread pool, as Gradio or Starlette run streams, advances one stream from
+        several threads)."""
         if self._lock_owner == threading.get_ident():
-            raise VLMError(
-                "this model is still generating an earlier answer in this thread: a stream that was not read to "
-                "the end holds it. Read that stream to the end or call its close() first"
-            )
-        with self._lock:
+            steps = self._lock_steps
+            if not self._lock.acquire(timeout=SAME_THREAD_WAIT_S):
+                if self._lock_steps == steps:
+                    raise VLMError(
+                        "this model is still generating an earlier answer in this thread: a stream that was not "
+                        "read to the end holds it. Read that stream to the end or call its close() first"
+                    )
+                self._lock.acquire()  # another thread drives that stream: wait for it like any other
+        else:
+            self._lock.acquire()
+        try:
             self._lock_owner = threading.get_ident()
-            try:
-                yield
-            finally:
-                self._lock_owner = None
+            yield
+        finally:
+            self._lock_owner = None
+            self._lock.release()
 
     def _stream_one(self, chat: EncodedChat, options: GenerationOptions) -> Iterator[str]:
         with self._generating():
             for pieces in self._stream([chat], options):
+                self._lock_steps += 1
                 if pieces[0]:
                     yield pieces[0]
+                    self._lock_owner = threading.get_ident()  # whichever thread resumed this stream
 
     def ask(self, image: Any, question: str, **generation: Any) -> str:
         """Answer one question about one image."""

@@ -86,6 +86,13 @@ class EncodedChat:
 def _encode(tokenizer: Any, text: str) -> list[int]:
     if not text:
         return []
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # Python keeps undecodable bytes of argv and stdin as lone surrogates
+        raise PromptError(
+            f"the text {text[max(0, e.start - 20) : e.end + 20]!r} holds bytes that are not UTF-8; "
+            "write it in UTF-8 (a terminal or file in another encoding?)"
+        ) from None
     # split_special_tokens: typed "<image>" or "<|im_end|>" stays ordinary text.
     return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
