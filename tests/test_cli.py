@@ -100,6 +100,7 @@ def test_export_and_import_llava_from_the_command_line(tiny_adapter, tmp_path):
     out = run("import-llava", str(tmp_path / "mm_projector.bin"), "--vision", model.config.vision_tower,
               "--lm", str(tmp_path / "nowhere"), str(tmp_path / "bad"))  # fmt: skip
     assert out.returncode == 2 and out.stderr.startswith("vlm: error:") and "Traceback" not in out.stderr
+    assert "nowhere' is not there: no such directory" in out.stderr  # not the hub's "Repo id must be ..."
 
 
 def test_chat_paths_as_a_terminal_types_them_and_images_kept_after_a_failed_turn(tiny_adapter, rgb_images, tmp_path):
