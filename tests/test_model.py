@@ -546,3 +546,8 @@ def test_a_stream_driven_from_a_thread_pool_makes_a_new_one_wait_not_fail(tiny_m
         other.submit(drive)
         assert tiny_model.chat(messages, max_new_tokens=6) == expected  # waits for `first`, then answers
         assert done.is_set()
+
+
+def test_sampling_options_at_temperature_zero_warn_that_they_do_nothing(tiny_model, rgb_images):
+    with pytest.warns(UserWarning, match="top_p and top_k do nothing at temperature 0"):
+        tiny_model.caption(rgb_images[0], max_new_tokens=2, top_p=0.5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,11 @@ class GenerationOptions:
             raise VLMError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise VLMError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if self.temperature == 0 and (self.top_p < 1 or self.top_k > 0):
+            warnings.warn(
+                "top_p and top_k do nothing at temperature 0 (greedy decoding); give a temperature > 0 to sample",
+                stacklevel=4,
+            )
         self.stop = [s for s in self.stop if s]
         self.blocked_words = [w for w in (w.strip() for w in self.blocked_words) if w]
 
