@@ -284,8 +284,9 @@ def _check_address(host: str, port: int | None) -> None:
     if not 0 < port < 65536:
         raise vlm.VLMError(f"port {port} is not a TCP port (1-65535)")
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
         with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: TIME_WAIT is no bar
             probe.bind(address)
     except OSError as e:
         raise vlm.VLMError(

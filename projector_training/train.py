@@ -347,8 +347,8 @@ def train(cfg: TrainConfig) -> Path:
     identity = run_identity(cfg, records, lengths)
     resume_from = _resume_path(cfg, run_dir)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler)
-        check_same_run(resume_from, state.run, identity)
+        check_same_run(resume_from, json.loads((resume_from / STATE).read_text()).get("run", {}), identity)
+        state = load_checkpoint(resume_from, model, optimizer, scheduler)  # (RNGs and optimiser: only once checked)
         apply_optimizer_settings(cfg, optimizer, scheduler, log)
         log(f"resumed from {resume_from} at step {state.step}")
     state.run = identity

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,9 +15,10 @@ import vlm
 
 def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "vlm", *args], capture_output=True, text=True, input=stdin, env=env, timeout=300
-    )
+    data = None if stdin is None else stdin.encode("utf-8", "surrogateescape")  # lone surrogates: raw bytes
+    out = subprocess.run([sys.executable, "-m", "vlm", *args], capture_output=True, input=data, env=env, timeout=300)
+    out.stdout, out.stderr = out.stdout.decode(), out.stderr.decode()
+    return out
 
 
 def test_caption_and_ask(tiny_adapter, rgb_images):
@@ -112,38 +114,61 @@ def test_chat_paths_as_a_terminal_types_them_and_images_kept_after_a_failed_turn
         max_new_tokens=4,
     )
     long_question = "why " * 1000  # over max_length: refused, and the image must stay attached
-    script = f"/image '{spaced}'\n{long_question}\nwhat is this?\n"
+    script = f"/image '{spaced}'\n{long_question}\ncaf\udce9?\nwhat is this?\n"  # and a line that is not UTF-8
     out = run("chat", "-m", str(tiny_adapter), "--max-new-tokens", "4", "--json", stdin=script)
     assert out.returncode == 0, out.stderr
-    assert "over the limit" in out.stderr and "(1 image(s) still attached)" in out.stderr
+    assert "over the limit" in out.stderr and "(1 image(s) still attached)" in out.stderr and "not UTF-8" in out.stderr
     assert [json.loads(line)["content"] for line in out.stdout.splitlines()] == [expected]
 
 
 def test_ctrl_c_stops_the_answer_not_the_chat(tiny_adapter, rgb_images, monkeypatch, capsys):
-    """The stream is interrupted mid-answer: the chat keeps the partial reply and reads the next question."""
+    """The stream is interrupted mid-answer: the chat closes it (releasing the model), keeps the partial reply and
+    reads the next question."""
     import io
 
     from vlm import cli
     from vlm.model import VisionLanguageModel
 
     chat = VisionLanguageModel.chat
-    calls = []
+    calls, closed = [], []
+
+    class Interrupted:
+        """The first answer's stream: one piece, then Ctrl-C."""
+
+        def __init__(self, inner):
+            self.inner, self.pieces = inner, 0
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            self.pieces += 1
+            if self.pieces > 1:
+                raise KeyboardInterrupt
+            return next(self.inner)
+
+        def close(self):
+            closed.append(True)
+            self.inner.close()
 
     def interrupted(self, messages, stream=False, **kwargs):
         calls.append([m["role"] for m in messages])
         inner = chat(self, messages, stream=True, **kwargs)
-        if len(calls) > 1:
-            return inner
-
-        def pieces():
-            yield next(inner)
-            inner.close()
-            raise KeyboardInterrupt
-
-        return pieces()
+        return Interrupted(inner) if len(calls) == 1 else inner
 
     monkeypatch.setattr(VisionLanguageModel, "chat", interrupted)
     monkeypatch.setattr("sys.stdin", io.StringIO("first?\nsecond?\n"))
     assert cli.main(["chat", "-m", str(tiny_adapter), "--max-new-tokens", "6", "--json"]) == 0
+    assert closed == [True]
     assert calls == [["user"], ["user", "assistant", "user"]]  # the partial answer stays in the conversation
     assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def test_typed_paths_are_taken_as_they_are_when_they_exist(tmp_path):
+    from vlm.cli import _typed_path
+
+    odd = tmp_path / "two  spaces \\ and a backslash.png"
+    odd.write_bytes(b"")
+    assert _typed_path(str(odd)) == str(odd)
+    assert _typed_path(f"'{odd}'") == str(odd)
+    assert _typed_path("~/x.png") == str(Path.home() / "x.png")

@@ -169,6 +169,21 @@ def test_every_generating_event_shares_one_queue_and_the_port_is_checked_first(t
             launch(model=str(tmp_path / "not loaded"), port=port)
 
 
+def test_a_port_a_stopped_demo_left_in_time_wait_is_free():
+    from demo.app import _check_address
+
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):
+            conn, _ = server.accept()
+            conn.close()  # the server closes first, as an HTTP server does: its side goes to TIME_WAIT
+    _check_address("127.0.0.1", port)  # the next demo (uvicorn binds with SO_REUSEADDR) may listen there
+    _check_address("[::1]" if socket.has_ipv6 else "127.0.0.1", free_port())
+
+
 def test_null_settings_and_an_empty_answer_do_not_reach_the_model(tiny_model, rgb_images, monkeypatch):
     message = {"text": "Describe it.", "files": [str(rgb_images[0])]}
     plain = list(respond(tiny_model, message, [], max_new_tokens=MAX_NEW_TOKENS))[-1]

@@ -194,3 +194,24 @@ def test_only_text_that_could_start_a_stop_string_is_held_back(tokenizer):
     assert pieces[0] == tokenizer.decode(ids[:1])  # nothing here can begin "STOP": shown at once
     _, shown, stopped = stream(BytesTokenizer([b"x S", b"T", b"OP"]), [0, 1, 2], stop=["STOP"])
     assert shown == ["x ", "x ", "x "] and stopped
+
+
+def test_a_tokenizer_that_adds_a_leading_space_has_its_words_banned_after_other_words():
+    """Llama-style tokenizers spell "ass" as "▁ass", the spaced token: it must be banned after a word too."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    from vlm.generation import BlockedWordsProcessor
+
+    vocab = ["<unk>", "\n", "▁", "▁cool", "▁ass", "ass", "cl", "▁The", "a", "s", "c", "l", "o"]
+    backend = Tokenizer(models.Unigram([(t, -1.0) for t in vocab], unk_id=0))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    assert tokenizer.convert_ids_to_tokens(tokenizer.encode("ass", add_special_tokens=False)) == ["▁ass"]
+    processor = BlockedWordsProcessor(tokenizer, ["ass"], torch.device("cpu"))
+    spaced = tokenizer.convert_tokens_to_ids("▁ass")
+    for context in ("The cool", "The", "\n"):
+        scores = processor(torch.tensor([tokenizer.encode(context, add_special_tokens=False)]), torch.zeros(1, 16))
+        assert torch.isinf(scores[0, spaced]), context

@@ -85,10 +85,13 @@ def test_the_repetition_penalty_sees_each_row_as_it_would_alone(tiny_model, rgb_
         assert batched[row] == seen.pop()[0]
 
 
-def test_an_unfinished_stream_is_an_error_in_its_thread_and_a_wait_in_others(tiny_model, rgb_images):
+def test_an_unfinished_stream_is_an_error_in_its_thread_and_a_wait_in_others(tiny_model, rgb_images, monkeypatch):
     """A stream the caller stopped reading (but still holds) keeps the model; the same thread would wait for itself
-    forever, so it gets an error saying what to do, while another thread waits for the stream to be closed."""
+    forever, so it gets an error saying what to do (once the stream made no progress for a while), while another
+    thread waits for the stream to be closed."""
     import threading
+
+    monkeypatch.setattr("vlm.model.SAME_THREAD_WAIT_S", 0.5)
 
     messages = [{"role": "user", "content": [{"type": "image", "image": rgb_images[0]}, "What is it?"]}]
     expected = tiny_model.chat(messages, max_new_tokens=6)

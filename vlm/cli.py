@@ -118,8 +118,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         content: list[Any] = [{"type": "image", "image": p} for p in pending] + [{"type": "text", "text": line}]
         messages.append({"role": "user", "content": content})
         pieces: list[str] = []
-        stream = model.chat(messages, stream=True, **kwargs)
+        stream = None
         try:
+            stream = model.chat(messages, stream=True, **kwargs)  # may refuse the turn at once (bad text)
             for piece in stream:
                 pieces.append(piece)
                 if not args.json:
@@ -129,7 +130,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"error: {e}" + (f" ({len(pending)} image(s) still attached)" if pending else ""), file=sys.stderr)
             continue
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
-            stream.close()
+            if stream is not None:
+                stream.close()
             print("\n(stopped)" if interactive else "", file=sys.stderr)
             if not pieces:
                 messages.pop()
@@ -141,7 +143,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _typed_path(text: str) -> str:
-    """A path as typed or dropped into a terminal: quoted or backslash-escaped (spaces), `~` for home."""
+    """A path as typed or dropped into a terminal: as it is if that exists, else unquoted or unescaped (spaces),
+    `~` for home."""
+    if os.path.exists(text):
+        return text
     try:
         words = shlex.split(text)
     except ValueError:  # an unbalanced quote: take the text as it is

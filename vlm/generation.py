@@ -130,7 +130,11 @@ class BlockedWordsProcessor:
                 for text, bare in ((" " + form, False), (form, whole)):
                     ids = tuple(tokenizer.encode(text, add_special_tokens=False))
                     if ids:
-                        sequences.add((ids, bare))
+                        # a tokenizer that adds a leading space (Llama's "▁ass") spells the bare form spaced
+                        starts_spaced = tokenizer.decode(ids[:1])[:1].isspace() or tokenizer.convert_ids_to_tokens(
+                            ids[0]
+                        ).startswith("▁")
+                        sequences.add((ids, bare and not starts_spaced))
         # (the ids before the last, on the device; the last id; whether it is bare), longest first
         self.sequences = [
             (torch.tensor(ids[:-1], device=device), ids[-1], bare)

@@ -34,7 +34,8 @@ __all__ = ["ModelOutput", "VisionLanguageModel", "build_model", "check_memory", 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
-SAME_THREAD_WAIT_S = 1.0  # how long a thread watches the stream it may itself be holding for progress
+SAME_THREAD_WAIT_S = 10.0  # how long a thread watches the stream it may itself be holding for progress (a
+# paused stream that a pool thread resumes later looks the same for that long)
 
 
 @dataclass
