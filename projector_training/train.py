@@ -4,7 +4,7 @@
     accelerate launch --config_file configs/ddp.yaml -m projector_training --recipe ...   # several GPUs
     vlm-train --recipe toy                                                                 # offline demo
 
-The story: resolve the config -> build the model (only the projector trains) -> load the records ->
+The story: resolve the config -> load the records -> build the model (only the projector trains) ->
 resume from the newest complete checkpoint if there is one -> loop over global batches (gradient
 accumulation, loss normalised by the global batch's label-token count, non-finite guard, clipping,
 AdamW, cosine schedule) -> atomic checkpoints -> the final adapter directory that `vlm.load` opens.
@@ -299,7 +299,11 @@ def train(cfg: TrainConfig) -> Path:
     log = logger.info if accelerator.is_main_process else (lambda *_: None)
     log(f"run directory {run_dir}; {world} process(es)")
 
-    # 1. The model: frozen tower and LM in the compute dtype, fp32 projector (the trainable master weights).
+    # 1. The records, before the model: a typo in --data should not cost loading a 14B model.
+    image_root = Path(cfg.image_root)
+    records = check_records(load_records(cfg.data), image_root, cfg.max_bad_fraction, log)
+
+    # 2. The model: frozen tower and LM in the compute dtype, fp32 projector (the trainable master weights).
     #    Under FSDP the frozen backbones stay on the CPU until FSDP shards them onto the devices (a card need
     #    not hold a whole replica); the projector, replicated, goes to the device now.
     lm_dtype = torch.bfloat16 if cfg.resolved_mixed_precision() == "bf16" else torch.float32
@@ -315,20 +319,18 @@ def train(cfg: TrainConfig) -> Path:
     elif cfg.compile_lm_layers:
         model.compile_lm_layers()
 
-    # 2. The data.
-    image_root = Path(cfg.image_root)
-    records = check_records(load_records(cfg.data), image_root, cfg.max_bad_fraction, log)
+    # 3. The samples.
     dataset = ConversationDataset(records, image_root, model, cfg.max_length)
     lengths = [dataset.length(i) for i in range(len(dataset))]
 
-    # 3. The micro-batch: on a GPU, the largest that fits (halving micro_batch_size, checkpointing last).
+    # 4. The micro-batch: on a GPU, the largest that fits (halving micro_batch_size, checkpointing last).
     micro_batch, checkpointing = cfg.micro_batch_size, cfg.gradient_checkpointing
     if cfg.auto_micro_batch and _can_probe(accelerator, fsdp):
         micro_batch, checkpointing = _choose_micro_batch(cfg, model, dataset, lengths, accelerator, log)
     accum = cfg.global_batch_size // (micro_batch * world)
     log(f"micro-batch {micro_batch}, accumulation {accum}" + (", gradient checkpointing" if checkpointing else ""))
 
-    # 4. Optimiser and schedule over the whole run.
+    # 5. Optimiser and schedule over the whole run.
     steps_per_epoch = len(records) // cfg.global_batch_size
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
@@ -342,7 +344,7 @@ def train(cfg: TrainConfig) -> Path:
     schedule = get_cosine_schedule_with_warmup if cfg.lr_schedule == "cosine" else get_constant_schedule_with_warmup
     scheduler = schedule(optimizer, warmup, total_steps) if cfg.lr_schedule == "cosine" else schedule(optimizer, warmup)
 
-    # 5. Resume from the newest complete checkpoint.
+    # 6. Resume from the newest complete checkpoint.
     state = TrainState()
     identity = run_identity(cfg, records, lengths)
     resume_from = _resume_path(cfg, run_dir)
@@ -372,7 +374,7 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.report_to != "none":
         accelerator.init_trackers("train", config=cfg.to_dict())
 
-    # 6. The loop: one optimizer step per global batch.
+    # 7. The loop: one optimizer step per global batch.
     batches = iter(loader)
     bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="align")
     started, start_samples = time.time(), state.samples

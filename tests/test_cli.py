@@ -13,10 +13,11 @@ import pytest
 import vlm
 
 
-def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+def run(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     data = None if stdin is None else stdin.encode("utf-8", "surrogateescape")  # lone surrogates: raw bytes
-    out = subprocess.run([sys.executable, "-m", "vlm", *args], capture_output=True, input=data, env=env, timeout=300)
+    command = [sys.executable, "-m", "vlm", *args]
+    out = subprocess.run(command, capture_output=True, input=data, env=env, timeout=300, cwd=cwd)
     out.stdout, out.stderr = out.stdout.decode(), out.stderr.decode()
     return out
 
@@ -172,3 +173,8 @@ def test_typed_paths_are_taken_as_they_are_when_they_exist(tmp_path):
     assert _typed_path(str(odd)) == str(odd)
     assert _typed_path(f"'{odd}'") == str(odd)
     assert _typed_path("~/x.png") == str(Path.home() / "x.png")
+
+
+def test_no_model_outside_the_repository_says_how_to_get_one(rgb_images, tmp_path):
+    out = run("caption", str(rgb_images[0]), cwd=tmp_path)
+    assert out.returncode == 2 and "vlm-train --recipe toy" in out.stderr and "Traceback" not in out.stderr

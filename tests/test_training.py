@@ -580,3 +580,9 @@ def test_resuming_under_other_data_or_batching_is_refused(micro_world, tmp_path)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
     train(parse_args(_flags(micro_world, out, **{"max-steps": 4, "data": reformatted})))  # the same records
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+def test_a_missing_data_file_is_named_before_any_model_loads(tmp_path):
+    cfg = TrainConfig(lm=str(tmp_path / "no-lm"), data=str(tmp_path / "nope.json"), output_dir=str(tmp_path / "run"))
+    with pytest.raises(VLMError, match="training data file not found"):  # not an error about the missing LM
+        train(cfg.replace(device="cpu", mixed_precision="no", report_to="none"))

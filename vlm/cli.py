@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,11 @@ def _load(args: argparse.Namespace, images: Sequence[str] = ()) -> Any:
         vlm.GenerationOptions.from_kwargs(**_generation_kwargs(args))
     for image in images:
         vlm.load_image(image)
+    if args.model == DEFAULT_TOY_ADAPTER and not os.path.isdir(DEFAULT_TOY_ADAPTER):
+        raise VLMError(
+            f"no --model given and no {DEFAULT_TOY_ADAPTER} here: give an adapter directory or preset, or train the "
+            "miniature world's adapter first with `vlm-train --recipe toy` (it writes runs/toy in this directory)"
+        )
     hf_logging.disable_progress_bar()
     return vlm.load(args.model, device=args.device, dtype=args.dtype)
 
@@ -256,7 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> str:
+    return f"vlm: warning: {message}\n"  # for a user, not a source line of ours
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    warnings.formatwarning = _format_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

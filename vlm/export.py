@@ -661,6 +661,8 @@ def import_llava(
 
     projector_path, out = Path(projector_path), Path(out)
     check_output_dir(out)
+    if vision_backend == "hf" and vision_tower.startswith(("local-dir:", "hf-hub:")):
+        raise ConfigError(f"{vision_tower!r} is an open_clip name: add --vision-backend open_clip")
     local = [("LM", lm)] + ([("vision tower", vision_tower)] if vision_backend == "hf" else [])
     for what, name in local:  # a path, not a hub id: the hub's "Repo id must be in the form..." would mislead
         if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
