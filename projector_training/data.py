@@ -82,10 +82,21 @@ def malformed(record: dict[str, Any]) -> str | None:
             return f"unknown speaker {turn['from']!r}"
     if not any(ROLE[turn["from"]] == "assistant" for turn in conversations):
         return "no gpt turn to learn from"
+    if not any(ROLE[turn["from"]] == "assistant" for turn in _without_opening_answer(conversations)):
+        return "only an opening gpt turn, which answers no question (dropped, as LLaVA does)"
     image = record.get("image")
     if image is None or isinstance(image, str) or (isinstance(image, list) and all(isinstance(i, str) for i in image)):
         return None
     return f"image is neither a path nor a list of paths: {image!r:.60}"
+
+
+def _without_opening_answer(conversations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The turns less a gpt turn that opens the conversation (after any system turn), which answers no question:
+    LLaVA's preprocessing drops it too."""
+    start = next((i for i, t in enumerate(conversations) if ROLE.get(t["from"]) != "system"), len(conversations))
+    if start < len(conversations) and ROLE.get(conversations[start]["from"]) == "assistant":
+        return conversations[:start] + conversations[start + 1 :]
+    return conversations
 
 
 def record_images(record: dict[str, Any]) -> list[str]:
@@ -99,7 +110,7 @@ def record_to_messages(record: dict[str, Any], image_root: Path) -> list[dict[st
     """One record -> OpenAI-style messages whose image parts are paths under `image_root`."""
     if (reason := malformed(record)) is not None:
         raise DataError(f"record {record.get('id')!r}: {reason}")
-    conversations = record["conversations"]
+    conversations = _without_opening_answer(record["conversations"])
     images = [image_root / p for p in record_images(record)]
     values = [turn["value"] for turn in conversations]
     placeholders = sum(v.count(PLACEHOLDER) for v in values)

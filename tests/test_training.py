@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import vlm
 from projector_training.config import TrainConfig, parse_args
-from projector_training.data import GlobalBatchSampler, load_records, record_to_messages, truncate
+from projector_training.data import GlobalBatchSampler, load_records, malformed, record_to_messages, truncate
 from projector_training.memory import candidate_micro_batches, fit_micro_batch
 from projector_training.train import check_records, train
 from vlm.errors import ConfigError, VLMError
@@ -317,6 +317,10 @@ def test_records_text_only_multi_turn_and_image_positions(tmp_path):
     )
     assert [p["image"] for p in two[0]["content"] if p["type"] == "image"] == [root / "a", root / "b"]
     assert [m["role"] for m in two] == ["user", "assistant", "user", "assistant"]
+
+    opening = record_to_messages(_record(("gpt", "Hello!"), ("human", "<image>\nQ"), ("gpt", "A"), image="a"), root)
+    assert _texts(opening) == [("user", ["IMG", "Q"]), ("assistant", ["A"])]  # LLaVA drops the opening answer too
+    assert malformed(_record(("system", "S"), ("gpt", "Hello!"), ("human", "Q"))).startswith("only an opening gpt")
 
     implicit = record_to_messages(_record(("system", "Be short."), ("human", "Q"), ("gpt", "A"), image="a"), root)
     assert _texts(implicit)[1] == ("user", ["IMG", "Q"])  # placed before the first human turn, as LLaVA does
