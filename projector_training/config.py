@@ -121,6 +121,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
+        if self.init_projector is not None and self.init_projector.lower() == "none":  # a flag cannot say null
+            self.init_projector = None
         choices = {
             "vision_backend": ("hf", "open_clip"),
             "select_feature": ("patch", "cls_patch"),

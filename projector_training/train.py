@@ -107,7 +107,7 @@ def init_projector(model: VisionLanguageModel, cfg: TrainConfig) -> None:
     for module in model.projector:
         if isinstance(module, torch.nn.Linear):
             module.reset_parameters()
-    if cfg.init_projector and cfg.init_projector.lower() != "none":
+    if cfg.init_projector:
         source = Path(cfg.init_projector)
         if source.is_dir():
             from safetensors.torch import load_file

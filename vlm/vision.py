@@ -46,14 +46,10 @@ def preprocess_image(
     elif aspect == "crop" and long > MAX_CROP_RATIO * short:
         # Resizing the short side to `size` would make the long one enormous: keep only the centre the crop takes
         # from, with a wide margin.
-        keep = MAX_CROP_RATIO * short
-        box = (
-            ((width - keep) // 2, 0, (width - keep) // 2 + keep, height)
-            if width > height
-            else (0, (height - keep) // 2, width, (height - keep) // 2 + keep)
-        )
-        image = image.crop(box)
-        width, height = image.size
+        kept = (MAX_CROP_RATIO * short, height) if width > height else (width, MAX_CROP_RATIO * short)
+        left, top = (width - kept[0]) // 2, (height - kept[1]) // 2
+        image = image.crop((left, top, left + kept[0], top + kept[1]))
+        width, height = kept
     if aspect == "pad":
         if width != height:
             side = max(width, height)
@@ -65,8 +61,8 @@ def preprocess_image(
     elif aspect == "resize":
         image = image.resize((size, size), Image.Resampling.BICUBIC)
     elif aspect == "crop":
-        # torchvision's (and transformers') arithmetic: the long side truncated, the offsets rounded
-        short = min(width, height)
+        # torchvision's (and transformers') arithmetic: the long side truncated, the offsets rounded (`short` is
+        # still the short side: the cut above keeps it)
         new_w, new_h = (size, int(size * height / short)) if width == short else (int(size * width / short), size)
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
         left, top = round((new_w - size) / 2.0), round((new_h - size) / 2.0)
