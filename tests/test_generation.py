@@ -215,3 +215,47 @@ def test_a_tokenizer_that_adds_a_leading_space_has_its_words_banned_after_other_
     for context in ("The cool", "The", "\n"):
         scores = processor(torch.tensor([tokenizer.encode(context, add_special_tokens=False)]), torch.zeros(1, 16))
         assert torch.isinf(scores[0, spaced]), context
+
+
+CHINESE = "你真是个笨蛋！他说：笨蛋，别走。你好damn，damned 不算；ＤＡＭＮ 全角不算。ばか、バカ野郎。너는 바보야."
+
+
+def test_chinese_japanese_and_korean_blocked_words_match_inside_text(tokenizer):
+    """Chinese, Japanese and Korean write words without spaces (Korean glues particles on): a blocked word in
+    those scripts matches wherever it appears, and a Latin word next to them is still a whole word; full-width
+    punctuation ends a word like ASCII punctuation."""
+    blocked = ["笨蛋", "damn", "バカ", "바보"]
+    _, shown, _ = stream(tokenizer, tokenizer.encode(CHINESE, add_special_tokens=False), blocked=blocked)
+    assert shown[-1] == (
+        f"你真是个{FILTERED}！他说：{FILTERED}，别走。你好{FILTERED}，damned 不算；ＤＡＭＮ 全角不算。"
+        f"ばか、{FILTERED}野郎。너는 {FILTERED}야."
+    )
+    assert all(shown[-1].startswith(text) for text in shown)  # nothing shown is ever taken back
+    # English keeps whole-word matching against Latin letters and digits.
+    _, shown, _ = stream(tokenizer, tokenizer.encode("class ass2 ass 课ass", add_special_tokens=False), blocked=["ass"])
+    assert shown[-1] == f"class ass2 {FILTERED} 课{FILTERED}"
+
+
+def test_chinese_blocked_word_ids_are_banned_inside_chinese_text():
+    """The sampling ban agrees with the text filter: a Chinese word is banned right after Chinese characters, and
+    a Latin word right after a Chinese character (no Latin letter before it), but not inside a Latin word. The
+    tokenizer holds whole Chinese characters as ids, as CausalLM's Qwen vocabulary does."""
+    import torch
+
+    from projector_training.toy.tokenizer import build_tokenizer
+    from vlm.generation import BlockedWordsProcessor
+
+    # Characters apart in the corpus: each becomes one id, and none merges with the next.
+    tokenizer = build_tokenizer(["，".join("你真是个笨蛋好"), "the damn thing, the dog"] * 20, vocab_size=400)
+    assert [tokenizer.decode([i]) for i in tokenizer.encode("你真是个", add_special_tokens=False)] == list("你真是个")
+    processor = BlockedWordsProcessor(tokenizer, ["笨蛋", "damn"], torch.device("cpu"))
+
+    def banned(context: str, word: str) -> bool:
+        ids = tokenizer.encode(context + word, add_special_tokens=False)
+        start = tokenizer.encode(context, add_special_tokens=False)
+        assert ids[: len(start)] == start, "the context must tokenize on its own for this check"
+        scores = processor(torch.tensor([ids[:-1]]), torch.zeros(1, len(tokenizer) + 4))
+        return bool(torch.isinf(scores[0, ids[-1]]))
+
+    assert banned("你真是个", "笨蛋") and banned("\n", "笨蛋")
+    assert banned("你好", "damn") and banned("\n", "damn") and not banned("the", "damn")

@@ -103,29 +103,43 @@ class GenerationOptions:
 
 
 _WORD_ENDS: weakref.WeakKeyDictionary[Any, torch.Tensor] = weakref.WeakKeyDictionary()
+_SPACELESS = (
+    "\u1100-\u11ff\u2e80-\u2fdf\u3005-\u3007\u3040-\u30ff\u3130-\u318f\u31f0-\u31ff\u3400-\u4dbf"
+    "\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003ffff"
+)
+"""Han characters, Japanese kana and Korean Hangul: scripts written without spaces between words (Korean glues
+particles to nouns), so a blocked word in them matches wherever it appears."""
+WORD_CHAR = f"(?:(?![{_SPACELESS}])\\w)"
+"""A character that continues a word for whole-word matching: a letter, digit or underscore of a script that
+separates words with spaces. "class" does not contain the word "ass", but "你好damn" contains "damn"."""
+
+
+def _is_word_char(char: str) -> bool:
+    return re.fullmatch(WORD_CHAR, char) is not None
 
 
 def _word_end_ids(tokenizer: Any) -> torch.Tensor:
-    """(V,) bool: which ids decode to text that ends in a letter or digit (computed once per tokenizer)."""
+    """(V,) bool: which ids decode to text that ends in a `WORD_CHAR` (computed once per tokenizer)."""
     table = _WORD_ENDS.get(tokenizer)
     if table is None:
         texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False)
-        table = _WORD_ENDS[tokenizer] = torch.tensor([bool(re.search(r"\w$", t)) for t in texts])
+        table = _WORD_ENDS[tokenizer] = torch.tensor([bool(t) and _is_word_char(t[-1]) for t in texts])
     return table
 
 
 class BlockedWordsProcessor:
     """Bans the token sequences that spell a blocked word (as written, lower-case, capitalised, upper-case), as
     whole words the way the text filter matches them: a spelling after a space always, a bare spelling only where
-    a word can start (the id before it does not end in a letter or digit), so blocking "ass" leaves "cl" + "ass"
-    alone. The ban acts when a word's ids are complete, before the next id shows whether the word goes on, so a
-    longer word that starts with the same ids is steered away from too (rare with a large vocabulary, where most
-    words are one id, and the text filter itself lets such words through)."""
+    a word can start (the id before it does not end in a `WORD_CHAR`), so blocking "ass" leaves "cl" + "ass"
+    alone; a word that starts in Chinese, Japanese or Korean script is banned wherever its ids appear. The ban acts
+    when a word's ids are complete, before the next id shows whether the word goes on, so a longer word that starts
+    with the same ids is steered away from too (rare with a large vocabulary, where most words are one id, and the
+    text filter itself lets such words through)."""
 
     def __init__(self, tokenizer: Any, words: list[str], device: torch.device):
         sequences = set()
         for word in words:
-            whole = re.match(r"\w", word[0]) is not None  # a word starting with punctuation has no left boundary
+            whole = _is_word_char(word[0])  # punctuation or a spaceless script has no left boundary
             for form in {word, word.lower(), word.capitalize(), word.upper()}:
                 for text, bare in ((" " + form, False), (form, whole)):
                     ids = tuple(tokenizer.encode(text, add_special_tokens=False))
@@ -193,14 +207,15 @@ class TokenSelector:
 
 
 def _blocked_pattern(words: list[str]) -> re.Pattern[str] | None:
-    """Any of `words`, case-insensitively, as whole words: a word that starts (ends) with a letter or digit
-    does not match right after (before) another one, so blocking "ass" leaves "class" alone."""
+    """Any of `words`, case-insensitively, as whole words: a word that starts (ends) with a `WORD_CHAR` does not
+    match right after (before) another one, so blocking "ass" leaves "class" alone; Chinese, Japanese and Korean
+    words, and the Chinese side of a word next to Chinese text, match wherever they appear ("你真是个笨蛋！")."""
     if not words:
         return None
     forms = []
     for word in sorted(words, key=len, reverse=True):
-        before = r"(?<!\w)" if re.match(r"\w", word[0]) else ""
-        after = r"(?!\w)" if re.match(r"\w", word[-1]) else ""
+        before = f"(?<!{WORD_CHAR})" if _is_word_char(word[0]) else ""
+        after = f"(?!{WORD_CHAR})" if _is_word_char(word[-1]) else ""
         forms.append(before + re.escape(word) + after)
     return re.compile("|".join(forms), re.IGNORECASE)
 
