@@ -8,6 +8,7 @@ starting from the stage-1 projector.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from typing import Any
 
 from projector_training.config import TrainConfig
 
-__all__ = ["RECIPES", "ensure_toy_adapter", "run_toy", "toy_cache_dir"]
+__all__ = ["RECIPES", "ensure_toy_adapter", "run_toy", "toy_cache_dir", "toy_world_dir"]
 
 logger = logging.getLogger("projector_training")
 
@@ -75,7 +76,7 @@ RECIPES: dict[str, TrainConfig] = {
         max_length=256,
         global_batch_size=32,
         micro_batch_size=32,
-        epochs=2,
+        epochs=3,
         lr=1e-3,
         warmup_ratio=0.03,
         weight_decay=0.0,
@@ -109,40 +110,46 @@ def toy_config(cfg: TrainConfig, world: Any) -> TrainConfig:
     return cfg.replace(**{k: v for k, v in filled.items() if getattr(cfg, k) == getattr(defaults, k)})
 
 
+def toy_world_dir(cfg: TrainConfig) -> Path:
+    """Where the toy recipe caches the miniature world of `cfg`: one folder per world and seed."""
+    return toy_cache_dir() / (cfg.toy_world if cfg.seed == RECIPES["toy"].seed else f"{cfg.toy_world}-seed{cfg.seed}")
+
+
 def run_toy(cfg: TrainConfig) -> dict[str, Any]:
-    """Build the miniature world if needed, align, evaluate before and after; writes eval.json."""
+    """Build the miniature world if needed (seeded by `cfg.seed`, like the alignment), align, evaluate every
+    held-out set before and after; writes eval.json."""
     from projector_training.toy import ToyConfig, ensure_toy_world
-    from projector_training.toy.evaluate import evaluate
+    from projector_training.toy.evaluate import evaluate, headline, provenance
     from projector_training.train import adapter_config, init_projector, train
     from vlm.model import build_model, load
 
     started = time.time()
     world_config = ToyConfig.micro() if cfg.toy_world == "micro" else ToyConfig()
-    cache = toy_cache_dir() / cfg.toy_world
-    world = ensure_toy_world(cache, config=world_config, log=logger.info)
+    world = ensure_toy_world(
+        toy_world_dir(cfg), config=dataclasses.replace(world_config, seed=cfg.seed), log=logger.info
+    )
     cfg = toy_config(cfg, world)
 
     before_model = build_model(adapter_config(cfg), device="cpu")
     init_projector(before_model, cfg)
-    before = evaluate(before_model, world)
+    before = evaluate(before_model, world.world_dir)
     del before_model
 
     run_dir = train(cfg)
-    results = evaluate(load(run_dir, device="cpu"), world)
+    after = evaluate(load(run_dir, device="cpu"), world.world_dir)
     report = {
-        "exact_match": results["exact_match"],
-        "exact_match_before": before["exact_match"],
-        "vqa_accuracy": results["vqa_accuracy"],
-        "vqa_accuracy_before": before["vqa_accuracy"],
-        "n": results["n"],
-        "n_vqa": results["n_vqa"],
-        "per_attribute": results["per_attribute"],
+        **headline(after),
+        "before": headline(before),
+        "details": after,
         "clip_zero_shot": world.clip_metrics.get("accuracy"),
         "lm_context_accuracy": world.lm_metrics.get("accuracy"),
+        "lm_context": {k: v for k, v in world.lm_metrics.items() if k.endswith("_accuracy")},
+        "seed": cfg.seed,
+        **provenance(),
         "seconds_total": round(time.time() - started, 1),
     }
     (run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k != "details"}, indent=2))
     return report
 
 

@@ -82,13 +82,19 @@ def chat_in_browser(page: Any, url: str, image: Path, question: str) -> str:
     """Upload `image`, ask `question` and return the answer once it has finished streaming."""
     page.goto(url, timeout=TIMEOUT_MS)
     page.locator("input[type=file]").first.set_input_files(str(image))
+    return ask_in_browser(page, question)
+
+
+def ask_in_browser(page: Any, question: str) -> str:
+    """Ask `question` in the open chat (about the images already in it) and return the finished answer."""
+    answers = page.locator('[data-testid="bot"]')
+    before = answers.count()
     box = page.get_by_placeholder("Ask about an image")
     box.fill(question)
     box.press("Enter")
-    answer = page.locator('[data-testid="bot"]').last
-    answer.wait_for(timeout=TIMEOUT_MS)
+    sync_api.expect(answers).to_have_count(before + 1, timeout=TIMEOUT_MS)
     wait_until_idle(page)
-    return answer.inner_text().strip()
+    return answers.last.inner_text().strip()
 
 
 def wait_until_idle(page: Any) -> None:
@@ -163,22 +169,28 @@ def test_browser_chat_answers_retries_and_clears(tiny_model, rgb_images, browser
         app.close()
 
 
-def test_browser_answers_the_colour_of_a_held_out_toy_image(toy_adapter, browser_page, tmp_path):
+def test_browser_answers_the_colour_then_the_shape_of_a_held_out_toy_image(toy_adapter, browser_page, tmp_path):
     from projector_training.toy.world import QUESTIONS
 
     model = vlm.load(toy_adapter, device="cpu")
     world = toy_world_dir(model)
     assert world is not None, f"the toy adapter's LM ({model.config.lm}) should sit beside its world/"
-    # The first held-out image whose colour the world asks about, with the plain colour question.
+    # The first held-out image whose colour the world asks about, with the plain colour question, then a follow-up
+    # about the same image's shape (its caption record, the same image, holds the truth).
     record = next(r for r in json.loads((world / "eval_vqa.json").read_text()) if r["id"].endswith("-colour"))
+    caption = next(r for r in json.loads((world / "eval_captions.json").read_text()) if r["image"] == record["image"])
     question, colour = QUESTIONS["colour"][0], record["conversations"][1]["value"]
+    shape = caption["conversations"][1]["value"].split()[-1]
     app = serve(model, examples=None)  # with the world's own examples, as `vlm demo` shows them
     try:
         answer = chat_in_browser(browser_page, app.local_url, world / record["image"], question)
         print(f"browser: {question!r} about {record['image']} -> {answer!r} (truth {colour!r})")
+        follow_up = ask_in_browser(browser_page, QUESTIONS["shape"][0])
+        print(f"browser: then {QUESTIONS['shape'][0]!r} -> {follow_up!r} (truth {shape!r})")
         screenshot = tmp_path / "demo.png"
         browser_page.screenshot(path=str(screenshot))
         assert answer.lower().rstrip(".") == colour
+        assert follow_up.lower().rstrip(".") == shape
         if target := os.environ.get("DEMO_SCREENSHOT"):
             shutil.copyfile(screenshot, target)
     finally:

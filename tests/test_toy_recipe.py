@@ -13,14 +13,27 @@ from pathlib import Path
 
 from projector_training.data import load_records
 
+# The targets, each a margin below the lowest score measured over seeds and CPU kernels (README, "The miniature
+# world"): a pass says alignment worked on this machine, not that it reproduced one run's digits.
+TARGETS = {
+    "caption_exact_match": 0.93,
+    "vqa_accuracy": 0.95,
+    "conversation_turn2_accuracy": 0.93,
+    "conversation_turn3_accuracy": 0.93,
+}
+BEFORE_AT_MOST = {"caption_exact_match": 0.10, "vqa_accuracy": 0.45}
+"""Before alignment the LM sees noise in the image slots: captions are never right, answers about chance."""
+
 
 def test_toy_recipe_aligns_the_projector(toy_adapter: Path) -> None:
     report = json.loads((toy_adapter / "eval.json").read_text())
-    print(f"toy eval: {json.dumps(report)}")
-    assert report["n"] >= 200 and report["n_vqa"] >= 200
-    assert report["exact_match_before"] <= 0.10
-    assert report["exact_match"] >= 0.90
-    assert report["vqa_accuracy"] >= 0.90
+    print(f"toy eval: {json.dumps({k: v for k, v in report.items() if k != 'details'})}")
+    assert report["details"]["n"]["captions"] >= 200 and report["details"]["n"]["vqa"] >= 200
+    for name, target in TARGETS.items():
+        assert report[name] >= target, (name, report[name])
+    for name, most in BEFORE_AT_MOST.items():
+        assert report["before"][name] <= most, (name, report["before"][name])
+    assert report["seed"] == 0 and report["versions"]["torch"] and report["cpu"]["torch_kernels"]
     summary = json.loads((toy_adapter / "summary.json").read_text())
     assert summary["skipped"] == 0 and summary["nonfinite_steps"] == 0
     assert summary["final_loss"] < 0.2

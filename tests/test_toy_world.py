@@ -16,12 +16,21 @@ from projector_training.toy.tokenizer import SPECIAL_TOKENS, build_tokenizer
 from projector_training.toy.world import (
     ATTRIBUTES,
     CAPTION_INSTRUCTIONS,
+    CHOICE_SUFFIX,
+    COLOURS,
+    NEGATIVE_SAMPLING,
     OBJECTS,
     QUESTIONS,
+    SHAPES,
+    YESNO_QUESTIONS,
+    ToyObject,
     build_world,
+    choice_turn,
     load_records,
+    negative_value,
     parse_caption,
-    question_attribute,
+    popularity,
+    yesno_turn,
 )
 
 CORPUS = ["You are a helpful assistant.", "<|im_start|>user\nWhat colour is it?<|im_end|>", "a small red circle"] * 10
@@ -75,13 +84,47 @@ def test_world_vocabulary() -> None:
         assert parse_caption(obj.caption) == {"size": obj.size, "colour": obj.colour, "shape": obj.shape}
     assert parse_caption("A Large, BLUE star.") == {"size": "large", "colour": "blue", "shape": "star"}
     assert parse_caption("no idea") == {"size": None, "colour": None, "shape": None}
-    for attribute, questions in QUESTIONS.items():
-        for question in questions:
-            assert question_attribute(f"<image>\n{question}") == attribute
-            # No question contains an answer word, so it cannot be answered by copying from it.
-            assert not any(v in question.lower().split() for values in ATTRIBUTES.values() for v in values)
-    with pytest.raises(ValueError, match="not a toy-world question"):
-        question_attribute(CAPTION_INSTRUCTIONS[0])
+    values = {v for vs in ATTRIBUTES.values() for v in vs}
+    for questions in QUESTIONS.values():
+        # No open question contains an answer word, so it cannot be answered by copying from it.
+        assert not any(v in question.lower().split() for question in questions for v in values)
+    for attribute, templates in YESNO_QUESTIONS.items():
+        assert all(template.count("{}") == 1 for template in templates), attribute
+
+
+def test_negatives_are_drawn_as_pope_draws_them() -> None:
+    rng = random.Random(0)
+    # Popular: the training images favour the first two colours and shapes.
+    assert popularity("colour")[:2] == COLOURS[:2] and popularity("shape")[:2] == SHAPES[:2]
+    assert negative_value("colour", "blue", "popular", rng) == COLOURS[0]
+    assert negative_value("colour", COLOURS[0], "popular", rng) == COLOURS[1]
+    # Adversarial: the most alike value (the cross's silhouette overlaps the circle's most; orange is nearest
+    # yellow), the one the adapter confuses most.
+    assert negative_value("shape", "cross", "adversarial", rng) == "circle"
+    assert negative_value("shape", "circle", "adversarial", rng) == "square"
+    assert negative_value("colour", "yellow", "adversarial", rng) == "orange"
+    assert negative_value("size", "small", "adversarial", rng) == "large"
+    drawn = {negative_value("shape", "star", "random", rng) for _ in range(200)}
+    assert drawn == set(SHAPES) - {"star"}
+    with pytest.raises(ValueError, match="unknown negative sampling"):
+        negative_value("shape", "star", "frequent", rng)
+
+
+def test_yes_no_and_choice_turns_answer_right() -> None:
+    rng = random.Random(1)
+    obj = ToyObject("small", "red", "star")
+    yes = yesno_turn(obj, "shape", rng, None)
+    assert (yes.answer, yes.kind, yes.negative) == ("Yes", "yesno", None) and "star" in yes.question
+    for sampling in NEGATIVE_SAMPLING:
+        no = yesno_turn(obj, "colour", rng, sampling)
+        assert no.answer == "No" and no.negative == sampling and "red" not in no.question
+    for _ in range(50):
+        turn = choice_turn(obj, "shape", rng)
+        question, *options, suffix = turn.question.split("\n")
+        assert question in QUESTIONS["shape"] and suffix == CHOICE_SUFFIX and 2 <= len(options) <= 4
+        assert options[[o[0] for o in options].index(turn.answer)] == f"{turn.answer}. star"
+        assert sorted(o[:3] for o in options) == [f"{letter}. " for letter in "ABCD"[: len(options)]]
+    assert {choice_turn(obj, "shape", rng).answer for _ in range(100)} == set("ABCD")
 
 
 @pytest.fixture(scope="module")
@@ -89,39 +132,71 @@ def small_world(tmp_path_factory: pytest.TempPathFactory):
     return build_world(tmp_path_factory.mktemp("world"), seed=3, n_train=80, n_eval=72, image_size=32)
 
 
+def _truth(record: dict) -> ToyObject:
+    """The object of a record's image, read back from the world's own files (its caption record)."""
+    return _CAPTIONS[record["image"]]
+
+
+_CAPTIONS: dict[str, ToyObject] = {}
+
+
+def _answer(obj: ToyObject, turn: dict, question: str) -> str:
+    """What a question about `obj` should be answered, worked out from its text alone."""
+    if turn["kind"] == "caption":
+        return obj.caption
+    if turn["kind"] == "open":
+        return obj.answer(turn["attribute"])
+    if turn["kind"] == "yesno":
+        asked = [v for v in ATTRIBUTES[turn["attribute"]] if v in question.rstrip("?").split()]
+        return "Yes" if asked == [obj.answer(turn["attribute"])] else "No"
+    options = dict(line.split(". ") for line in question.split("\n")[1:-1])
+    return next(letter for letter, value in options.items() if value == obj.answer(turn["attribute"]))
+
+
 def test_world_records(small_world) -> None:
+    by_caption = {obj.caption: obj for obj in OBJECTS}
     train = load_records(small_world.train_json)
-    captions = load_records(small_world.eval_captions_json)
-    vqa = load_records(small_world.eval_vqa_json)
-    assert len(train) == 2 * 80 and len(captions) == len(vqa) == 72
-    by_image = {}
-    for record in train + captions + vqa:
-        human, gpt = record["conversations"]
-        assert (human["from"], gpt["from"]) == ("human", "gpt")
-        assert human["value"].startswith("<image>\n") and human["value"].count("<image>") == 1
+    sets = {name: load_records(path) for name, path in small_world.eval_sets.items()}
+    assert len(train) == 2 * 80
+    for record in train + sets["captions"]:
+        if record["id"].endswith("-caption"):
+            _CAPTIONS[record["image"]] = by_caption[record["conversations"][1]["value"]]
+    chats = [r for r in train if r["id"].endswith("-chat")]
+    assert len(chats) == 80 and {len(r["conversations"]) for r in chats} == {2, 4, 6}
+    for record in train + [r for records in sets.values() for r in records]:
+        turns = record["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert turns[0]["value"].startswith("<image>\n") and sum(t["value"].count("<image>") for t in turns) == 1
         image = Image.open(small_world.root / record["image"])
         assert image.size == (32, 32) and image.mode == "RGB"
-        if record["id"].endswith("-caption"):
-            assert human["value"].removeprefix("<image>\n") in CAPTION_INSTRUCTIONS
-            by_image[record["image"]] = parse_caption(gpt["value"])
-    for record in train + vqa:
-        if not record["id"].endswith("-caption"):
-            question, answer = (turn["value"] for turn in record["conversations"])
-            assert by_image[record["image"]][question_attribute(question)] == answer
-    # The held-out set covers every caption once per 72 images, on images unseen in training.
-    assert {r["conversations"][1]["value"] for r in captions} == {obj.caption for obj in OBJECTS}
+    for records in sets.values():
+        for record in records:
+            turns = record["conversations"]
+            for k, meta in enumerate(record["turns"]):
+                question = turns[2 * k]["value"].removeprefix("<image>\n")
+                assert turns[2 * k + 1]["value"] == _answer(_truth(record), meta, question), record["id"]
+    assert all(
+        r["conversations"][0]["value"].removeprefix("<image>\n") in CAPTION_INSTRUCTIONS for r in sets["captions"]
+    )
+    # The held-out sets cover every caption once per 72 images, on images unseen in training.
+    assert {r["conversations"][1]["value"] for r in sets["captions"]} == {obj.caption for obj in OBJECTS}
+    assert len(sets["yesno"]) == 6 * 72 and len(sets["choice"]) == len(sets["conversations"]) == 72
+    for sampling in NEGATIVE_SAMPLING:
+        split = [r for r in sets["yesno"] if r["category"] == sampling]
+        assert sorted(r["conversations"][1]["value"] for r in split) == ["No"] * 72 + ["Yes"] * 72
+    for record in sets["conversations"]:
+        assert sorted(t["attribute"] for t in record["turns"]) == sorted(ATTRIBUTES)
     train_images = {r["image"] for r in train}
-    assert not train_images & {r["image"] for r in captions + vqa}
+    assert not train_images & {r["image"] for records in sets.values() for r in records}
     train_pixels = {_sha(small_world.root / p) for p in train_images}
-    assert not train_pixels & {_sha(small_world.root / r["image"]) for r in captions}
+    assert not train_pixels & {_sha(small_world.root / r["image"]) for r in sets["captions"]}
 
 
 def test_world_is_deterministic(small_world, tmp_path: Path) -> None:
     again = build_world(tmp_path, seed=3, n_train=80, n_eval=72, image_size=32)
     for name in (
         "train.json",
-        "eval_captions.json",
-        "eval_vqa.json",
+        *(path.name for path in small_world.eval_sets.values()),
         "images/train-00007.png",
         "images/eval-00005.png",
     ):
@@ -198,23 +273,27 @@ def test_micro_lm_layout(micro_world) -> None:
 def test_lm_examples_tokenize_like_the_rendered_text(micro_world) -> None:
     from transformers import AutoTokenizer
 
-    from projector_training.toy.backbones import IGNORE_INDEX, _Encoder, _example, _lm_batch
+    from projector_training.toy.backbones import IGNORE_INDEX, _Encoder, _example, _lm_batch, _render
 
     tokenizer = AutoTokenizer.from_pretrained(micro_world.lm_dir)
     encoder = _Encoder(tokenizer)
     rng = random.Random(0)
-    examples = [_example(rng, micro_world.num_image_tokens) for _ in range(20)]
+    examples = [_example(rng, micro_world.num_image_tokens) for _ in range(40)]
     for example in examples:
         assert encoder.context(example.context) == tokenizer(" ".join(example.context))["input_ids"]
+        whole = encoder.prompt(example) + encoder.answer(example)
+        assert tokenizer.decode(whole) == _render(example).removesuffix("\n")
         prompt = tokenizer.decode(encoder.prompt(example))
-        assert prompt.endswith(f"\n{example.instruction}<|im_end|>\n<|im_start|>assistant\n")
+        assert prompt.endswith(f"{example.turns[-1].question}<|im_end|>\n<|im_start|>assistant\n")
         assert prompt.startswith(f"<|im_start|>system\n{example.system}<|im_end|>\n<|im_start|>user\n")
     batch = _lm_batch(encoder, examples, tokenizer.pad_token_id)
     for row, example in enumerate(examples):
         labelled = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX].tolist()
-        assert tokenizer.decode(labelled) == f"{example.answer}<|im_end|>"
+        assert tokenizer.decode(labelled) == "".join(f"{turn.answer}<|im_end|>" for turn in example.turns)
+    assert {len(e.turns) for e in examples} == {1, 2, 3}
+    assert {t.kind for e in examples for t in e.turns} == {"caption", "open"}
     # Answers are uniform given the question, so only the context can tell them.
-    assert len({e.answer for e in examples if e.task == "colour"}) > 1
+    assert len({e.turns[-1].answer for e in examples if e.turns[-1].kind == "open"}) > 1
 
 
 def test_cache_reuses_and_rebuilds_what_is_stale(micro_world) -> None:
@@ -242,3 +321,89 @@ def test_cache_reuses_and_rebuilds_what_is_stale(micro_world) -> None:
     assert ensure_toy_world(root, config=changed, log=lambda _: None).built == ("lm",)
     changed = type(changed)(**{**changed.__dict__, "n_train": changed.n_train + 72})
     assert ensure_toy_world(root, config=changed, log=lambda _: None).built == ("world", "clip")
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def test_pope_reads_yes_and_no_as_pope_does() -> None:
+    from projector_training.toy.evaluate import pope_answer
+
+    assert pope_answer("Yes") == pope_answer("Yes, there is.") == pope_answer("yes") == "yes"
+    assert pope_answer("No") == pope_answer("no") == pope_answer("There is not a star.") == "no"
+    # POPE's rule reads the first sentence only and anything without a negation as yes.
+    assert pope_answer("Yes. No.") == "yes" and pope_answer("a red star") == "yes"
+    assert pope_answer("No, it is not") == "no" and pope_answer("Nope") == "yes"
+
+
+def test_pope_scores_by_hand() -> None:
+    from projector_training.toy.evaluate import pope_scores
+
+    # gold:      yes  yes  yes  no   no   no   no   yes
+    # predicted: yes  no   yes  yes  no   no   no   yes  -> tp 3, fn 1, fp 1, tn 3
+    predicted = ["Yes", "No", "Yes", "Yes", "No", "no", "No", "yes"]
+    gold = ["Yes", "Yes", "Yes", "No", "No", "No", "No", "Yes"]
+    scores = pope_scores(predicted, gold)
+    assert scores == {"accuracy": 0.75, "precision": 0.75, "recall": 0.75, "f1": 0.75, "yes_ratio": 0.5}
+    scores = pope_scores(["yes"] * 4, ["Yes", "No", "No", "No"])
+    assert scores["precision"] == 0.25 and scores["recall"] == 1.0 and scores["f1"] == 0.4
+    assert scores["yes_ratio"] == 1.0 and scores["accuracy"] == 0.25
+
+
+class _Oracle:
+    """Answers every question right from the world's own files (or always `fixed`), recording what it was asked."""
+
+    def __init__(self, fixed: str | None = None) -> None:
+        self.fixed, self.asked = fixed, []
+
+    def chat_batch(self, conversations, batch_size, **generation):
+        answers = []
+        for messages in conversations:
+            self.asked.append(messages)
+            image = next(p["image"] for p in messages[0]["content"] if p["type"] == "image")
+            obj = _CAPTIONS[f"images/{Path(image).name}"]
+            question = messages[-1]["content"][-1]["text"]
+            kind = "caption" if question in CAPTION_INSTRUCTIONS else None
+            for turn_kind, probe in (("choice", CHOICE_SUFFIX), ("yesno", "Is ")):
+                kind = kind or (turn_kind if probe in question else None)
+            attribute = next((a for a, qs in QUESTIONS.items() if question.split("\n")[0] in qs), None)
+            attribute = attribute or next((a for a, vs in ATTRIBUTES.items() if any(v in question for v in vs)), None)
+            answers.append(self.fixed or _answer(obj, {"kind": kind or "open", "attribute": attribute}, question))
+        return answers
+
+
+def test_evaluate_scores_each_set_turn_and_split(small_world) -> None:
+    from projector_training.toy.evaluate import evaluate, headline
+
+    test_world_records(small_world)  # fills _CAPTIONS
+    oracle = _Oracle()
+    report = evaluate(oracle, small_world.root)
+    assert set(headline(report).values()) == {1.0}
+    assert report["n"] == {"captions": 72, "vqa": 72, "yesno": 432, "choice": 72, "conversations": 216}
+    # A later turn is asked after the earlier questions with their right answers, the image in the first.
+    third = [m for m in oracle.asked if len(m) == 5]
+    assert len(third) == 72 and all(m[1]["role"] == "assistant" and m[1]["content"][0]["text"] for m in third)
+    assert report["pope"]["adversarial"]["f1"] == 1.0 and report["pope"]["random"]["yes_ratio"] == 0.5
+
+    always_yes = evaluate(_Oracle("Yes"), small_world.root)
+    for split in always_yes["pope"].values():
+        assert split == {"accuracy": 0.5, "precision": 0.5, "recall": 1.0, "f1": 0.6667, "yes_ratio": 1.0}
+    assert always_yes["caption_exact_match"] == 0.0 and always_yes["choice_accuracy"] == 0.0
+
+
+def test_seeds_get_their_own_world_and_the_spread_is_min_mean_max(monkeypatch, tmp_path: Path) -> None:
+    from projector_training.recipes import RECIPES, toy_world_dir
+    from projector_training.toy.spread import summarise
+
+    monkeypatch.setenv("VLM_TOY_CACHE", str(tmp_path))
+    assert toy_world_dir(RECIPES["toy"]) == tmp_path / "default"
+    assert toy_world_dir(RECIPES["toy"].replace(seed=2)) == tmp_path / "default-seed2"
+    assert toy_world_dir(RECIPES["toy"].replace(seed=2, toy_world="micro")) == tmp_path / "micro-seed2"
+    runs = {
+        "seed0": {"caption_exact_match": 0.9, "vqa_accuracy": 1.0, "seed": 0, "before": {}},
+        "seed1": {"caption_exact_match": 0.96, "vqa_accuracy": 0.98, "seed": 1, "before": {}},
+    }
+    assert summarise(runs) == {
+        "caption_exact_match": {"min": 0.9, "mean": 0.93, "max": 0.96},
+        "vqa_accuracy": {"min": 0.98, "mean": 0.99, "max": 1.0},
+    }

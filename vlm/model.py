@@ -487,23 +487,31 @@ class VisionLanguageModel(nn.Module):
         self, images: Sequence[Any], questions: Sequence[str], batch_size: int = 8, **generation: Any
     ) -> list[str]:
         """One answer per (image, question) pair, generated `batch_size` at a time with left padding."""
-        if batch_size < 1:
-            raise VLMError("batch_size must be at least 1")
         for name, given in (("images", images), ("questions", questions)):
             if isinstance(given, (str, bytes, Path)) or not isinstance(given, Sequence):
                 raise VLMError(f"{name} must be a list (one per answer), got {type(given).__name__}; for one image "
                                "use caption() or ask()")  # fmt: skip
         if len(images) != len(questions):
             raise VLMError(f"got {len(images)} images but {len(questions)} questions")
+        conversations = [
+            [{"role": "user", "content": [{"type": "image", "image": image}, question]}]
+            for image, question in zip(images, questions, strict=True)
+        ]
+        return self.chat_batch(conversations, batch_size, **generation)
+
+    def chat_batch(
+        self, conversations: Sequence[Sequence[Mapping[str, Any]]], batch_size: int = 8, **generation: Any
+    ) -> list[str]:
+        """One answer per conversation (each a `chat` message list), generated `batch_size` at a time with left
+        padding; the conversations may differ in length, turns and images."""
+        if batch_size < 1:
+            raise VLMError("batch_size must be at least 1")
+        if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence):
+            raise VLMError(f"conversations must be a list of message lists, got {type(conversations).__name__}")
         options = GenerationOptions.from_kwargs(**generation)
         results: list[str] = []
-        for start in range(0, len(images), batch_size):
-            chats = [
-                self.encode_messages([{"role": "user", "content": [{"type": "image", "image": im}, question]}])
-                for im, question in zip(
-                    images[start : start + batch_size], questions[start : start + batch_size], strict=True
-                )
-            ]
+        for start in range(0, len(conversations), batch_size):
+            chats = [self.encode_messages(messages) for messages in conversations[start : start + batch_size]]
             texts = [""] * len(chats)
             with self._generating():
                 for pieces in self._stream(chats, options):

@@ -1,10 +1,21 @@
 """The synthetic image world: one coloured shape on a grey background, and the words that describe it.
 
-Every image shows one object with three attributes (size, colour, shape); its caption is
-"a {size} {colour} {shape}" and each attribute has a one-word answer to a fixed set of questions.
-`build_world` renders seeded PNGs and writes LLaVA conversation records: alignment data
-(`train.json`, one caption record and one question record per image) and two held-out sets
-(`eval_captions.json`, `eval_vqa.json`) on images never used for training.
+Every image shows one object with three attributes (size, colour, shape). It is talked about in the ways
+LLaVA-1.5's data and evaluations talk about images:
+
+- a caption, "a {size} {colour} {shape}";
+- open questions whose answer is one attribute word ("What colour is it?" -> "red");
+- yes/no questions ("Is there a red shape in the image?"), the negatives drawn the way POPE draws them:
+  `random` (any other value), `popular` (the value most frequent in the training images) or `adversarial`
+  (the value that looks most like the truth: the nearest colour, the shape whose silhouette overlaps most);
+- multiple-choice questions in LLaVA-1.5's evaluation layout, answered with the option's letter;
+- conversations of up to three such questions about one image (the image in the first turn, as in
+  llava_v1_5_mix665k).
+
+`build_world` renders seeded PNGs and writes LLaVA conversation records: alignment data (`train.json`:
+per image one caption record and one conversation of 1-3 questions) and held-out sets on images never used
+for training (captions, open questions, POPE-style yes/no, multiple choice, 3-question conversations).
+Held-out records carry a `turns` list saying what each question asks, for per-kind, per-attribute scores.
 
 Images are drawn at 4x and downsampled (anti-aliased), with jitter in position (on a grid of 1/8 of
 the side: 9 places for a large shape, 25 for a small one), object size, colour and background shade,
@@ -13,10 +24,11 @@ plus pixel noise, so that no two images are alike and nothing can be memorised.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +40,30 @@ from projector_training.data import load_records
 __all__ = [
     "ATTRIBUTES",
     "CAPTION_INSTRUCTIONS",
+    "CHOICE_SUFFIX",
     "COLOURS",
+    "KINDS",
+    "NEGATIVE_SAMPLING",
     "OBJECTS",
     "QUESTIONS",
     "SHAPES",
     "SIZES",
+    "YESNO_QUESTIONS",
     "ToyObject",
+    "Turn",
     "WorldFiles",
     "build_world",
+    "caption_turn",
+    "choice_turn",
     "describe",
     "load_records",
+    "negative_value",
+    "open_turn",
     "parse_caption",
-    "question_attribute",
+    "popularity",
     "render",
+    "similarity",
+    "yesno_turn",
 ]
 
 SIZES: tuple[str, ...] = ("small", "large")
@@ -103,7 +126,116 @@ OBJECTS: tuple[ToyObject, ...] = tuple(
 )
 """Every distinct object, hence every distinct caption (2 x 6 x 6 = 72)."""
 
-_QUESTION_ATTRIBUTE = {q: attribute for attribute, qs in QUESTIONS.items() for q in qs}
+YESNO_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "size": ("Is it {}?", "Is the object {}?"),
+    "colour": ("Is there a {} shape in the image?", "Is the object {}?"),
+    "shape": ("Is there a {} in the image?", "Is it a {}?"),
+}
+"""Attribute -> yes/no question templates ({} is the value asked about), in POPE's "Is there a ... in the
+image?" form where the attribute allows it."""
+YES, NO = "Yes", "No"
+CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
+"""LLaVA-1.5's multiple-choice instruction (ScienceQA, MMBench, SEED)."""
+LETTERS = "ABCD"
+KINDS: tuple[str, ...] = ("caption", "open", "yesno", "choice")
+"""What a question asks for: the caption, one attribute word, Yes/No, or an option's letter."""
+NEGATIVE_SAMPLING: tuple[str, ...] = ("random", "popular", "adversarial")
+"""How the value of a yes/no question whose answer is No is drawn, as POPE draws its absent objects."""
+_TRAIN_WEIGHT = {value: 2 for value in (*COLOURS[:2], *SHAPES[:2])}
+"""Training images of these colours and shapes are more frequent (weights add up per object, 1 to 3), so
+that "popular" negatives mean something, as POPE's frequent COCO objects do."""
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One question about an image and its answer."""
+
+    question: str
+    answer: str
+    kind: str
+    """One of `KINDS`."""
+    attribute: str | None
+    """The attribute asked about; None for a caption."""
+    negative: str | None = None
+    """For a yes/no question answered No: how its value was drawn (one of `NEGATIVE_SAMPLING`)."""
+
+    def meta(self) -> dict[str, str | None]:
+        """What a held-out record says of each turn (the question and answer are in its conversation)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("question", "answer")}
+
+
+def _object_weight(obj: ToyObject) -> int:
+    return 1 + sum(_TRAIN_WEIGHT.get(value, 1) - 1 for value in (obj.colour, obj.shape))
+
+
+def popularity(attribute: str) -> tuple[str, ...]:
+    """The attribute's values, most frequent in the training images first (ties in vocabulary order)."""
+    counts = {value: 0 for value in ATTRIBUTES[attribute]}
+    for obj in OBJECTS:
+        counts[obj.answer(attribute)] += _object_weight(obj)
+    return tuple(sorted(counts, key=lambda value: -counts[value]))
+
+
+@functools.cache
+def _silhouette(shape: str, side: int = 128) -> np.ndarray:
+    mask = Image.new("L", (side, side), 0)
+    draw, centre, r = ImageDraw.Draw(mask), side / 2, side * 0.4
+    if shape == "circle":
+        draw.ellipse((centre - r, centre - r, centre + r, centre + r), fill=1)
+    else:
+        draw.polygon(_polygon(shape, centre, centre, r), fill=1)
+    return np.asarray(mask, dtype=bool)
+
+
+def similarity(attribute: str, a: str, b: str) -> float:
+    """How alike two values look: silhouette IoU for shapes, minus the RGB distance for colours."""
+    if attribute == "shape":
+        x, y = _silhouette(a), _silhouette(b)
+        return float((x & y).sum() / (x | y).sum())
+    if attribute == "colour":
+        return -float(np.linalg.norm(np.subtract(_RGB[a], _RGB[b])))
+    return 0.0  # two sizes: the other one is the only negative
+
+
+def negative_value(attribute: str, truth: str, sampling: str, rng: random.Random) -> str:
+    """A value of `attribute` other than `truth`, drawn as POPE draws absent objects."""
+    others = [v for v in ATTRIBUTES[attribute] if v != truth]
+    if sampling == "random":
+        return rng.choice(others)
+    if sampling == "popular":
+        return next(v for v in popularity(attribute) if v != truth)
+    if sampling == "adversarial":
+        return max(others, key=lambda v: similarity(attribute, truth, v))
+    raise ValueError(f"unknown negative sampling {sampling!r}; use one of {NEGATIVE_SAMPLING}")
+
+
+def caption_turn(obj: ToyObject, rng: random.Random) -> Turn:
+    return Turn(rng.choice(CAPTION_INSTRUCTIONS), obj.caption, "caption", None)
+
+
+def open_turn(obj: ToyObject, attribute: str, rng: random.Random) -> Turn:
+    return Turn(rng.choice(QUESTIONS[attribute]), obj.answer(attribute), "open", attribute)
+
+
+def yesno_turn(obj: ToyObject, attribute: str, rng: random.Random, negative: str | None) -> Turn:
+    """A yes/no question: answered Yes when `negative` is None, else No about a value drawn that way."""
+    value = (
+        obj.answer(attribute) if negative is None else negative_value(attribute, obj.answer(attribute), negative, rng)
+    )
+    question = rng.choice(YESNO_QUESTIONS[attribute]).format(value)
+    return Turn(question, YES if negative is None else NO, "yesno", attribute, negative)
+
+
+def choice_turn(obj: ToyObject, attribute: str, rng: random.Random, options: int | None = None) -> Turn:
+    """A multiple-choice question with the truth among `options` values (2-4; at most all of them)."""
+    values = ATTRIBUTES[attribute]
+    count = min(len(values), options or rng.randint(2, len(LETTERS)))
+    truth = obj.answer(attribute)
+    choices = [truth, *rng.sample([v for v in values if v != truth], count - 1)]
+    rng.shuffle(choices)
+    lines = "\n".join(f"{letter}. {value}" for letter, value in zip(LETTERS, choices, strict=False))
+    question = f"{rng.choice(QUESTIONS[attribute])}\n{lines}\n{CHOICE_SUFFIX}"
+    return Turn(question, LETTERS[choices.index(truth)], "choice", attribute)
 
 
 def parse_caption(text: str) -> dict[str, str | None]:
@@ -113,14 +245,6 @@ def parse_caption(text: str) -> dict[str, str | None]:
     """
     words = text.lower().replace(".", " ").replace(",", " ").split()
     return {name: next((w for w in words if w in values), None) for name, values in ATTRIBUTES.items()}
-
-
-def question_attribute(question: str) -> str:
-    """The attribute a question from `QUESTIONS` asks about (an `<image>` line before it is ignored)."""
-    text = question.replace("<image>", "").strip()
-    if text not in _QUESTION_ATTRIBUTE:
-        raise ValueError(f"not a toy-world question: {question!r}")
-    return _QUESTION_ATTRIBUTE[text]
 
 
 def describe(obj: ToyObject, rng: random.Random) -> str:
@@ -200,36 +324,65 @@ class WorldFiles:
     images: Path
     train_json: Path
     eval_captions_json: Path
+    """One caption record per held-out image."""
     eval_vqa_json: Path
+    """One open question per held-out image, the attributes in turn."""
+    eval_yesno_json: Path
+    """Per held-out image and negative sampling (the record's `category`: POPE's random / popular / adversarial
+    splits), a question answered Yes and one answered No, about the attributes in turn."""
+    eval_choice_json: Path
+    """One multiple-choice question per held-out image (all options for size, 4 of 6 otherwise)."""
+    eval_conversations_json: Path
+    """One conversation of three open questions per held-out image, each attribute once, in a random order."""
 
     @classmethod
     def at(cls, root: Path) -> WorldFiles:
         root = Path(root)
-        return cls(root, root / "images", root / "train.json", root / "eval_captions.json", root / "eval_vqa.json")
+        names = ("train", "eval_captions", "eval_vqa", "eval_yesno", "eval_choice", "eval_conversations")
+        return cls(root, root / "images", *(root / f"{name}.json" for name in names))
+
+    @property
+    def eval_sets(self) -> dict[str, Path]:
+        """Held-out set name -> its records."""
+        return {
+            "captions": self.eval_captions_json,
+            "vqa": self.eval_vqa_json,
+            "yesno": self.eval_yesno_json,
+            "choice": self.eval_choice_json,
+            "conversations": self.eval_conversations_json,
+        }
 
 
-def _record(record_id: str, image: str, instruction: str, answer: str) -> dict[str, Any]:
-    return {
-        "id": record_id,
-        "image": image,
-        "conversations": [
-            {"from": "human", "value": f"<image>\n{instruction}"},
-            {"from": "gpt", "value": answer},
-        ],
-    }
+def _record(
+    record_id: str, image: str, turns: list[Turn], meta: bool = False, category: str | None = None
+) -> dict[str, Any]:
+    """A LLaVA conversation record (mix665k layout: the image in the first human turn); held-out records
+    (`meta`) also say what each turn asks, and POPE's questions their split (`category`)."""
+    conversations = []
+    for k, turn in enumerate(turns):
+        question = f"<image>\n{turn.question}" if k == 0 else turn.question
+        conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": turn.answer}]
+    record: dict[str, Any] = {"id": record_id, "image": image, "conversations": conversations}
+    if meta:
+        record["turns"] = [turn.meta() for turn in turns]
+    if category:
+        record["category"] = category
+    return record
 
 
 def _render_split(
-    files: WorldFiles, split: str, seed: int, count: int, image_size: int
+    files: WorldFiles, split: str, seed: int, count: int, image_size: int, weighted: bool
 ) -> list[tuple[str, ToyObject, random.Random]]:
     """Render `count` images; returns (relative image path, object, the image's rng for its prompts).
 
-    Objects cycle through `OBJECTS`, each cycle in a seeded order, so every caption is equally frequent.
+    Objects cycle through `OBJECTS` (each `_object_weight` times when `weighted`), each cycle in a seeded
+    order, so every caption is equally frequent in the held-out sets.
     """
     order_rng = random.Random(f"{seed}/{split}/order")
+    cycle = [obj for obj in OBJECTS for _ in range(_object_weight(obj) if weighted else 1)]
     objects: list[ToyObject] = []
     while len(objects) < count:
-        objects += order_rng.sample(OBJECTS, len(OBJECTS))
+        objects += order_rng.sample(cycle, len(cycle))
     out = []
     for i, obj in enumerate(objects[:count]):
         # A per-image string seed (hashed by `random`) keeps each image independent of `count`.
@@ -238,6 +391,27 @@ def _render_split(
         render(obj, rng, image_size).save(files.images / name)
         out.append((f"{files.images.name}/{name}", obj, rng))
     return out
+
+
+def _held_out(images: list[tuple[str, ToyObject, random.Random]]) -> dict[str, list[dict[str, Any]]]:
+    """The held-out records of every set, the attributes in turn so that each is asked equally often."""
+    names = list(ATTRIBUTES)
+    sets: dict[str, list[dict[str, Any]]] = {"captions": [], "vqa": [], "yesno": [], "choice": [], "conversations": []}
+    for i, (image, obj, rng) in enumerate(images):
+        attribute = names[i % len(names)]
+        sets["captions"].append(_record(f"eval-{i:05d}-caption", image, [caption_turn(obj, rng)], meta=True))
+        sets["vqa"].append(_record(f"eval-{i:05d}-{attribute}", image, [open_turn(obj, attribute, rng)], meta=True))
+        for sampling in NEGATIVE_SAMPLING:
+            for answer, negative in ((YES.lower(), None), (NO.lower(), sampling)):
+                turn = yesno_turn(obj, attribute, rng, negative)
+                record = _record(f"eval-{i:05d}-{sampling}-{answer}", image, [turn], meta=True, category=sampling)
+                sets["yesno"].append(record)
+        options = len(ATTRIBUTES[attribute]) if attribute == "size" else 4
+        turn = choice_turn(obj, attribute, rng, options)
+        sets["choice"].append(_record(f"eval-{i:05d}-choice", image, [turn], meta=True))
+        turns = [open_turn(obj, a, rng) for a in rng.sample(names, len(names))]
+        sets["conversations"].append(_record(f"eval-{i:05d}-conversation", image, turns, meta=True))
+    return sets
 
 
 def build_world(root: Path, *, seed: int, n_train: int, n_eval: int, image_size: int = 64) -> WorldFiles:
@@ -250,19 +424,14 @@ def build_world(root: Path, *, seed: int, n_train: int, n_eval: int, image_size:
     files.images.mkdir(parents=True, exist_ok=True)
 
     train: list[dict[str, Any]] = []
-    for i, (image, obj, rng) in enumerate(_render_split(files, "train", seed, n_train, image_size)):
-        train.append(_record(f"train-{i:05d}-caption", image, rng.choice(CAPTION_INSTRUCTIONS), obj.caption))
-        attribute = rng.choice(list(ATTRIBUTES))
-        question = rng.choice(QUESTIONS[attribute])
-        train.append(_record(f"train-{i:05d}-{attribute}", image, question, obj.answer(attribute)))
+    for i, (image, obj, rng) in enumerate(_render_split(files, "train", seed, n_train, image_size, weighted=True)):
+        train.append(_record(f"train-{i:05d}-caption", image, [caption_turn(obj, rng)]))
+        # Each attribute at most once per conversation: a second question would only repeat the first.
+        attributes = rng.sample(list(ATTRIBUTES), rng.randint(1, len(ATTRIBUTES)))
+        train.append(_record(f"train-{i:05d}-chat", image, [open_turn(obj, a, rng) for a in attributes]))
 
-    captions: list[dict[str, Any]] = []
-    vqa: list[dict[str, Any]] = []
-    for i, (image, obj, rng) in enumerate(_render_split(files, "eval", seed, n_eval, image_size)):
-        captions.append(_record(f"eval-{i:05d}-caption", image, rng.choice(CAPTION_INSTRUCTIONS), obj.caption))
-        attribute = list(ATTRIBUTES)[i % len(ATTRIBUTES)]
-        vqa.append(_record(f"eval-{i:05d}-{attribute}", image, rng.choice(QUESTIONS[attribute]), obj.answer(attribute)))
-
-    for path, records in ((files.train_json, train), (files.eval_captions_json, captions), (files.eval_vqa_json, vqa)):
-        path.write_text(json.dumps(records, indent=1) + "\n")
+    held_out = _held_out(_render_split(files, "eval", seed, n_eval, image_size, weighted=False))
+    for name, path in files.eval_sets.items():
+        path.write_text(json.dumps(held_out[name], indent=1) + "\n")
+    files.train_json.write_text(json.dumps(train, indent=1) + "\n")
     return files
