@@ -16,9 +16,12 @@ who types `<image>` or `<|im_end|>` gets ordinary text. Labels cover each assist
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from tokenizers import Tokenizer
 
 from vlm.errors import PromptError
 
@@ -28,6 +31,7 @@ __all__ = [
     "EncodedChat",
     "Message",
     "encode_chat",
+    "encode_text",
     "normalize_messages",
     "render_text",
 ]
@@ -68,7 +72,7 @@ class ChatTokens:
             if token_id is None or token_id == tokenizer.unk_token_id:
                 raise PromptError(f"the tokenizer has no {token} token; a ChatML (CausalLM/Qwen) tokenizer is needed")
             ids[token] = token_id
-        return cls(ids["<|im_start|>"], ids["<|im_end|>"], image_token_id, _encode(tokenizer, "\n"))
+        return cls(ids["<|im_start|>"], ids["<|im_end|>"], image_token_id, encode_text(tokenizer, "\n"))
 
 
 @dataclass
@@ -83,7 +87,30 @@ class EncodedChat:
         return len(self.input_ids)
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
+_PLAIN_TEXT: weakref.WeakKeyDictionary[Any, Tokenizer] = weakref.WeakKeyDictionary()
+
+
+def _plain_text_tokenizer(tokenizer: Any) -> Tokenizer | None:
+    """A private copy of `tokenizer`'s Rust tokenizer that reads special-token text as ordinary text, set once.
+
+    transformers' `split_special_tokens=True` flips `encode_special_tokens` on the shared Rust tokenizer before
+    each call, so another thread encoding with the default setting at the same moment (building the blocked-words
+    ban does) could flip it back mid-call and turn typed "<|im_end|>" into the real token. This copy is never
+    flipped. None for a tokenizer without a Rust backend."""
+    plain = _PLAIN_TEXT.get(tokenizer)
+    if plain is None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        plain = Tokenizer.from_str(backend.to_str())
+        plain.encode_special_tokens = True
+        _PLAIN_TEXT[tokenizer] = plain
+    return plain
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Ids of `text` as ordinary text: typed special tokens ("<image>", "<|im_end|>") never become special ids,
+    whatever other threads do with the same tokenizer. Raises PromptError for text that is not UTF-8."""
     if not text:
         return []
     try:
@@ -93,8 +120,10 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
             f"the text {text[max(0, e.start - 20) : e.end + 20]!r} holds bytes that are not UTF-8; "
             "write it in UTF-8 (a terminal or file in another encoding?)"
         ) from None
-    # split_special_tokens: typed "<image>" or "<|im_end|>" stays ordinary text.
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    plain = _plain_text_tokenizer(tokenizer)
+    if plain is None:  # a Python tokenizer: its per-call setting is no shared state
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return plain.encode(text, add_special_tokens=False).ids
 
 
 def _parts(content: Any, role: str) -> list[str | ImagePart]:
@@ -183,7 +212,7 @@ def encode_chat(
     pending_label = False
 
     def flush() -> None:
-        piece = _encode(tokenizer, "".join(pending))
+        piece = encode_text(tokenizer, "".join(pending))
         ids.extend(piece)
         labels.extend(piece if pending_label else [IGNORE_INDEX] * len(piece))
         pending.clear()

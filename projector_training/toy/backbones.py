@@ -60,7 +60,7 @@ from projector_training.toy.world import (
     open_turn,
 )
 from vlm.config import DEFAULT_SYSTEM_PROMPT
-from vlm.prompt import IGNORE_INDEX
+from vlm.prompt import IGNORE_INDEX, encode_text
 
 __all__ = ["ToyConfig", "ToyWorld", "ensure_toy_world"]
 
@@ -420,7 +420,7 @@ class _Encoder:
 
     def text(self, text: str) -> list[int]:
         if text not in self._cache:
-            self._cache[text] = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            self._cache[text] = encode_text(self.tokenizer, text)
         return self._cache[text]
 
     def context(self, words: Sequence[str]) -> list[int]:
