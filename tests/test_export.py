@@ -838,3 +838,29 @@ def test_cli_exports_llava_hf_in_the_lm_checkpoints_dtype(tiny_lm_path, tiny_cli
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
         dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     assert dtypes == {"BF16"}
+
+
+def test_exports_and_adapters_are_readable_by_other_accounts_and_carry_no_load_settings(
+    hf_export, tiny_model, tiny_adapter, tmp_path
+):
+    """safetensors writes owner-only files; what vlm hands on (a service may run as another user) gets the usual
+    permissions of a new file, and the exported tokenizer config holds none of the settings of the load that
+    made it (an export made offline would otherwise tell every later load to stay offline)."""
+    import os
+    import stat
+
+    from vlm.export import LOAD_TIME_SETTINGS
+    from vlm.files import _umask
+
+    expected_file, expected_dir = 0o666 & ~_umask(), 0o777 & ~_umask()
+    _, out = hf_export
+    adapter = tiny_model.save_adapter(tmp_path / "adapter")
+    gguf_path = export_gguf_mmproj(tiny_adapter, tmp_path / "mmproj.gguf")
+    for root in (out, adapter):
+        assert stat.S_IMODE(os.stat(root).st_mode) == expected_dir
+        for path in root.rglob("*"):
+            assert stat.S_IMODE(path.stat().st_mode) == (expected_dir if path.is_dir() else expected_file), path
+    assert (out / "model.safetensors").is_file() or list(out.glob("model-*.safetensors"))
+    assert stat.S_IMODE(gguf_path.stat().st_mode) == expected_file
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert not set(LOAD_TIME_SETTINGS) & set(tokenizer_config), tokenizer_config

@@ -27,6 +27,7 @@ from torch import nn
 
 from vlm.config import PROJECTOR_NAME, AdapterConfig
 from vlm.errors import ConfigError
+from vlm.files import make_shareable
 from vlm.generation import GenerationOptions
 from vlm.model import VisionLanguageModel, resolve_reference
 from vlm.projector import load_llava_projector
@@ -191,8 +192,21 @@ def check_output_dir(out: Path) -> None:
         raise ConfigError(f"{out} already exists and is not an empty directory; choose a new output path")
 
 
+LOAD_TIME_SETTINGS = ("local_files_only", "is_local", "cache_dir", "force_download", "token", "revision")
+"""Arguments of the `from_pretrained` call that loaded a tokenizer, which `save_pretrained` writes back as if they
+were the tokenizer's own: an export made offline would tell every later load to stay offline."""
+
+
+def _drop_load_time_settings(path: Path) -> None:
+    config = json.loads(path.read_text())
+    kept = {k: v for k, v in config.items() if k not in LOAD_TIME_SETTINGS}
+    if kept != config:
+        path.write_text(json.dumps(kept, indent=2, ensure_ascii=False) + "\n")
+
+
 def _publish(staging: Path, out: Path) -> None:
     """Move a completely written `staging` directory to `out` (absent, or empty as `check_output_dir` checked)."""
+    make_shareable(staging)
     if out.exists():
         out.rmdir()
     staging.rename(out)
@@ -436,6 +450,7 @@ def export_llava_hf(model: VisionLanguageModel, out: str | Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     llava.save_pretrained(staging)
     processor.save_pretrained(staging)
+    _drop_load_time_settings(staging / "tokenizer_config.json")
     config_path = staging / "config.json"
     config = json.loads(config_path.read_text())
     config["image_token_id"] = config["image_token_index"] = model.config.image_token_id  # both names are read
@@ -532,6 +547,7 @@ def export_gguf_mmproj(adapter_dir: str | Path, out_path: str | Path, *, ftype: 
     except BaseException:
         staging.unlink(missing_ok=True)
         raise
+    make_shareable(staging)
     staging.replace(out_path)
     return out_path
 

@@ -23,6 +23,7 @@ from torch import nn
 from vlm.config import CONFIG_NAME, PRESETS, PROJECTOR_NAME, AdapterConfig
 from vlm.errors import ConfigError, InsufficientMemoryError, PromptError, VLMError
 from vlm.fast_decode import GraphedForward, StaticDecoder, supports_static_decode
+from vlm.files import make_shareable
 from vlm.generation import GenerationOptions, TextAssembler, TokenSelector
 from vlm.images import load_image
 from vlm.projector import build_projector
@@ -182,6 +183,7 @@ class VisionLanguageModel(nn.Module):
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.projector.state_dict().items()}
         save_file(state, str(directory / PROJECTOR_NAME), metadata={"format": "pt"})
         self.config.save(directory)
+        make_shareable(directory)
         return directory
 
     def load_projector_state(self, state: Mapping[str, torch.Tensor]) -> None:
