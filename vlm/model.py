@@ -183,7 +183,7 @@ class VisionLanguageModel(nn.Module):
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.projector.state_dict().items()}
         save_file(state, str(directory / PROJECTOR_NAME), metadata={"format": "pt"})
         self.config.save(directory)
-        make_shareable(directory)
+        make_shareable(directory / PROJECTOR_NAME)  # safetensors writes it owner-only
         return directory
 
     def load_projector_state(self, state: Mapping[str, torch.Tensor]) -> None:
