@@ -107,6 +107,21 @@ def history_to_messages(history: Sequence[Mapping[str, Any]]) -> list[dict[str, 
     return messages
 
 
+def _without_server_paths(text: str, messages: Sequence[Mapping[str, Any]]) -> str:
+    """`text` with every uploaded file's path on the server cut to the file's own name: a visitor sees the name
+    they uploaded (Gradio keeps it as the last part of the path), never where the server keeps it."""
+    paths = {
+        str(part["image"])
+        for message in messages
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+        if part.get("type") == "image" and isinstance(part.get("image"), (str, Path))
+    }
+    for path in sorted(paths | {str(Path(p).resolve()) for p in paths}, key=len, reverse=True):
+        text = text.replace(path, Path(path).name)
+    return text
+
+
 def _user_message(message: str | Mapping[str, Any]) -> dict[str, Any]:
     """The multimodal textbox value ({"text", "files"}) -> one user message, images first as Gradio shows them."""
     if isinstance(message, str):
@@ -160,7 +175,7 @@ def respond(
                 answer += piece
                 yield answer
     except vlm.VLMError as e:
-        yield f"{WARNING}{e}"
+        yield f"{WARNING}{_without_server_paths(str(e), messages)}"
         return
     if not answer:  # a warning, so the empty exchange is not sent back to the model as a real one
         yield f"{WARNING}No answer: the model stopped at once."

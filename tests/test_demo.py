@@ -103,6 +103,8 @@ def test_bad_upload_is_reported_and_the_session_goes_on(server, tiny_model, tmp_
     reply = ask(session, fake, "What is this?").result()
     assert reply.startswith(WARNING)
     assert "image" in reply.lower() and "Traceback" not in reply
+    # The reply names the file as uploaded, never where the server keeps it (Gradio's upload folder).
+    assert "notes.png" in reply and "/" not in reply, reply
 
     # The failed exchange is left out; the next turn is answered as if the conversation started there.
     answer = ask(session, rgb_images[2], "What shape is it?").result()
