@@ -176,10 +176,16 @@ class ConversationDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def length(self, index: int) -> int:
-        """Cheap token-count estimate (characters / 4 + image slots) for length grouping."""
+        """The sample's token count (its ChatML ids with the image slots, before truncation), for length grouping
+        and for the micro-batch search, which tries the longest samples. Measured, not guessed: Chinese runs
+        about 0.6 tokens a character and English 0.2, so characters / 4 missed the longest Chinese samples.
+        No image is read. A record that cannot be a sample counts its characters (its sample is dropped)."""
         record = self.records[index]
-        chars = sum(len(str(t.get("value", ""))) for t in record.get("conversations", []))
-        return chars // 4 + len(record_images(record)) * self.model.num_image_tokens
+        try:
+            messages = record_to_messages(record, self.image_root)
+            return len(self.model.encode_messages(messages, add_generation_prompt=False))
+        except (DataError, PromptError):
+            return sum(len(str(t.get("value", ""))) for t in record.get("conversations", []) if isinstance(t, dict))
 
     def __getitem__(self, index: int) -> Sample | None:
         try:

@@ -590,3 +590,33 @@ def test_a_missing_data_file_is_named_before_any_model_loads(tmp_path):
     cfg = TrainConfig(lm=str(tmp_path / "no-lm"), data=str(tmp_path / "nope.json"), output_dir=str(tmp_path / "run"))
     with pytest.raises(VLMError, match="training data file not found"):  # not an error about the missing LM
         train(cfg.replace(device="cpu", mixed_precision="no", report_to="none"))
+
+
+def test_sample_lengths_are_measured_in_english_and_chinese(tiny_model, rgb_images):
+    """The lengths that pick the micro-batch search's longest samples are the samples' real token counts, in any
+    language: characters / 4 guessed a 280-character Chinese answer at 70 tokens (CausalLM's vocabulary: 170)."""
+    from projector_training.data import ConversationDataset
+
+    image = rgb_images[0].name
+    records = [
+        _record(
+            ("human", "<image>\nWhat is in the picture?"), ("gpt", "A red circle on a white background."), image=image
+        ),
+        _record(("human", "<image>\n图中有什么？"), ("gpt", "白色背景上有一个红色的圆形。" * 20), image=image),
+        _record(
+            ("human", "描述 the image 一下"),
+            ("gpt", "一个 red circle，在 white 背景上。"),
+            ("human", "再说一遍？"),
+            ("gpt", "好的"),
+        ),
+        {"id": "broken", "conversations": "not a list"},
+    ]
+    dataset = ConversationDataset(records, rgb_images[0].parent, tiny_model, max_length=100_000)
+    for index in range(3):
+        sample = dataset[index]
+        assert dataset.length(index) == len(sample.input_ids), records[index]
+        chars = sum(len(t["value"]) for t in records[index]["conversations"])
+        guess = chars // 4 + (tiny_model.num_image_tokens if "image" in records[index] else 0)
+        if index == 1:
+            assert guess < len(sample.input_ids) / 3  # the old guess, far below on Chinese
+    assert dataset[3] is None and dataset.length(3) == 0  # a malformed record: no turns to count, dropped anyway
