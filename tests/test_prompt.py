@@ -218,3 +218,28 @@ def test_typed_text_ids_equal_the_split_special_tokens_ids(tokenizer):
             encode_text(tokenizer, text)
             == tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         )
+
+
+def test_ids_equal_the_rendered_string_except_an_answer_that_starts_with_whitespace():
+    """The one documented difference from tokenizing the rendered prompt: an assistant answer is tokenized apart
+    from the "assistant\\n" before it (labels start at the answer), which matters only when BPE would merge the
+    answer's leading whitespace with that newline (Qwen's vocabulary has "\\n\\n" as one id, as this one)."""
+    from projector_training.toy.tokenizer import build_tokenizer
+    from vlm.prompt import encode_text
+
+    tokenizer = build_tokenizer(["Hi\n\n\nHello there.\n\n\n你好。 assistant user system"] * 50, vocab_size=300)
+    assert len(encode_text(tokenizer, "\n\n")) == 1
+    tokens = ChatTokens.from_tokenizer(tokenizer, image_token_id=len(tokenizer))
+
+    def ids_of_rendered(messages):
+        text = render_text(normalize_messages(messages, DEFAULT_SYSTEM_PROMPT), add_generation_prompt=False)
+        ids, specials = [], {"<|im_start|>": tokens.im_start, "<|im_end|>": tokens.im_end}
+        for piece in __import__("re").split("(<\\|im_start\\|>|<\\|im_end\\|>)", text):
+            ids += [specials[piece]] if piece in specials else encode_text(tokenizer, piece)
+        return ids
+
+    for answer, same in (("Hello there.", True), ("你好。", True), ("\n\nHello", False)):
+        messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": answer}]
+        assert (
+            encode(tokenizer, tokens, messages, add_generation_prompt=False).input_ids == ids_of_rendered(messages)
+        ) is same, answer

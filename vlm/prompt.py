@@ -204,7 +204,12 @@ def encode_chat(
     add_generation_prompt: bool,
 ) -> EncodedChat:
     """Render normalized messages to ids. Adjacent text of the same label status is tokenized as one
-    string, so the ids equal tokenizing the rendered prompt with `<image>` as a special token."""
+    string, so the ids equal tokenizing the rendered prompt with `<image>` as a special token, with one
+    exception: an assistant answer is tokenized apart from the "assistant\n" before it (the labels start
+    where the answer does), so an answer that begins with whitespace BPE would merge with that newline
+    ("\n\nHello": 198 + 198 198 ... here, 271 ... in the rendered string with Qwen's vocabulary) gets other
+    ids than the rendered string. Generation prompts end at "assistant\n" and are unaffected; so is every
+    answer that starts with a visible character."""
     ids: list[int] = []
     labels: list[int] = []
     images: list[Any] = []
