@@ -159,6 +159,6 @@ def ensure_toy_adapter(run_dir: str | Path = "runs/toy") -> Path:
     if not (run_dir / "projector.safetensors").is_file():
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
         logger.setLevel(logging.INFO)
-        logger.info("no trained toy adapter in %s: training one (about 7 minutes on 2 CPU cores)", run_dir)
+        logger.info("no trained toy adapter in %s: training one (about 5 minutes on 2 CPU cores)", run_dir)
         run_toy(RECIPES["toy"].replace(output_dir=str(run_dir)))
     return run_dir

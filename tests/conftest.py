@@ -1,7 +1,7 @@
 """Shared fixtures: tiny random backbones (HF CLIP, open_clip, Llama) and a tiny ChatML tokenizer.
 
 Everything is built and saved under a session temp dir; nothing touches the network. The `toy_adapter`
-fixture trains the miniature world's adapter once per session with `vlm-train --recipe toy` (about 8 minutes
+fixture trains the miniature world's adapter once per session with `vlm-train --recipe toy` (about 5 minutes
 on 2 cores with nothing cached, 3 with the backbones cached); `VLM_TOY_ADAPTER=DIR` uses one already trained
 and `-m "not toy"` deselects the tests that need it.
 """

@@ -81,7 +81,7 @@ FILLER_WORDS = (
 
 @dataclass(frozen=True)
 class ToyConfig:
-    """Every setting of the miniature world. The defaults build in about 4 minutes on 2 quiet CPU cores."""
+    """Every setting of the miniature world. The defaults build in about 2.5 minutes on 2 quiet CPU cores."""
 
     seed: int = 0
     """Seeds the world, both trainings and all sampling."""
