@@ -89,7 +89,7 @@ def ask_in_browser(page: Any, question: str) -> str:
     """Ask `question` in the open chat (about the images already in it) and return the finished answer."""
     answers = page.locator('[data-testid="bot"]')
     before = answers.count()
-    box = page.get_by_placeholder("Ask about an image")
+    box = page.get_by_test_id("textbox").first  # the placeholder text is gone once the chat has started
     box.fill(question)
     box.press("Enter")
     sync_api.expect(answers).to_have_count(before + 1, timeout=TIMEOUT_MS)
