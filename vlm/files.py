@@ -29,10 +29,9 @@ def make_shareable(path: str | Path) -> None:
     """Give `path` (a file, or a directory and everything in it) the usual permissions of a new file."""
     path, mask = Path(path), _umask()
     if path.is_dir():
-        for root, dirs, files in os.walk(path):
+        for root, _subdirs, files in os.walk(path):  # each subdirectory comes round as a root
             os.chmod(root, 0o777 & ~mask)
             for name in files:
                 os.chmod(os.path.join(root, name), 0o666 & ~mask)
-            del dirs  # os.walk visits them as roots
     else:
         os.chmod(path, 0o666 & ~mask)

@@ -91,13 +91,15 @@ def evaluate(model: Any, world_dir: str | Path, batch_size: int = 48, limit: int
     report["caption_attributes"] = {
         a: _mean([parse_caption(p)[a] == parse_caption(g)[a] for _, p, g in captions]) for a in ATTRIBUTES
     }
-    for name in ("vqa", "choice", "conversations"):
-        rows = [(meta, normalise(p) == normalise(g)) for meta, p, g in results[name]]
+    scored = {
+        name: [(meta, normalise(p) == normalise(g)) for meta, p, g in results[name]]
+        for name in ("vqa", "choice", "conversations")
+    }
+    for name, rows in scored.items():
         report[f"{name}_accuracy"] = _mean([ok for _, ok in rows])
         report[f"{name}_attributes"] = _by(rows, "attribute")
-    conversation = [(meta, normalise(p) == normalise(g)) for meta, p, g in results["conversations"]]
-    report["conversation_turns"] = _by(conversation, "turn")
-    report["conversation_kinds"] = _by(conversation, "kind")
+    report["conversation_turns"] = _by(scored["conversations"], "turn")
+    report["conversation_kinds"] = _by(scored["conversations"], "kind")
     yesno = results["yesno"]
     report["pope"] = {}
     for sampling in NEGATIVE_SAMPLING:
