@@ -169,6 +169,31 @@ def test_browser_chat_answers_retries_and_clears(tiny_model, rgb_images, browser
         app.close()
 
 
+def test_browser_bad_upload_names_the_file_as_uploaded_and_the_chat_goes_on(
+    tiny_model, rgb_images, browser_page, tmp_path
+):
+    """A text file named like an image: the reply says what is wrong with the name the visitor gave it, never the
+    server's upload folder, and the next upload in the same chat is answered as if the chat started there."""
+    from demo.app import WARNING
+
+    fake = tmp_path / "notimage.png"
+    fake.write_text("this is not an image")
+    app = serve(tiny_model, examples=[])
+    try:
+        reply = chat_in_browser(browser_page, app.local_url, fake, "What is this?")
+        assert reply.startswith(WARNING.strip()) and "not an image" in reply, reply
+        assert "notimage.png" in reply and "/" not in reply and "gradio" not in reply.lower(), reply
+
+        browser_page.locator("input[type=file]").first.set_input_files(str(rgb_images[2]))
+        answer = ask_in_browser(browser_page, "What shape is it?")
+        conversation = [
+            {"role": "user", "content": [{"type": "image", "image": str(rgb_images[2])}, "What shape is it?"]}
+        ]
+        assert answer.split() == tiny_model.chat(conversation).split()
+    finally:
+        app.close()
+
+
 def test_browser_answers_the_colour_then_the_shape_of_a_held_out_toy_image(toy_adapter, browser_page, tmp_path):
     from projector_training.toy.world import QUESTIONS
 
