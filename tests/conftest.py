@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny random backbones (HF CLIP, open_clip, Llama) and a tiny ChatML tokenizer.
+"""Shared fixtures: tiny random backbones (HF CLIP, open_clip, Llama), a tiny ChatML tokenizer, and CausalLM's
+real vocabulary (Qwen-1's 151,643 ranks, which the `dashscope` wheel ships) beside a tiny random Llama with
+CausalLM's 152,064 embedding rows.
 
 Everything is built and saved under a session temp dir; nothing touches the network. The `toy_adapter`
 fixture trains the miniature world's adapter once per session with `vlm-train --recipe toy` (about 5 minutes
@@ -74,6 +76,128 @@ def tiny_lm_path(tiny_dir: Path) -> Path:
         model.lm_head.weight[len(tokenizer) :] = 0.0
     model.save_pretrained(path)
     return path
+
+
+CAUSALLM_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CAUSALLM_VOCAB_ROWS = 152064
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+"""GPT-2's pre-tokenizer split, which `GPT2Tokenizer` applies (CausalLM ships `tokenizer_class: GPT2Tokenizer`,
+not Qwen's own split)."""
+
+
+def qwen_ranks_file() -> Path:
+    """Qwen-1's `qwen.tiktoken` (base64 token, rank per line) from the installed `dashscope` package, found
+    without importing it (its import pulls in its whole client)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("dashscope")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail('the real-vocabulary tests need the dev extra: pip install -e ".[dev]" (it brings dashscope)')
+    path = Path(next(iter(spec.submodule_search_locations))) / "resources" / "qwen.tiktoken"
+    if not path.is_file():
+        pytest.fail(
+            f"{path} is missing: this dashscope no longer ships Qwen's ranks; pin the version in requirements.lock"
+        )
+    return path
+
+
+def build_causallm_tokenizer(directory: Path):
+    """Write the tokenizer directory as CausalLM 14B/7B ship it: GPT-2 style vocab.json + merges.txt holding
+    Qwen-1's ranks (transformers' own tiktoken converter), the three ChatML specials at 151643-151645, and
+    `tokenizer_class: GPT2Tokenizer`; returns it loaded with `AutoTokenizer`, as `vlm.load` loads the real one."""
+    from transformers import AutoTokenizer
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    vocab, merges = TikTokenConverter().extract_vocab_merges_from_model(str(qwen_ranks_file()))
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    lines = "".join(f"{left} {right}\n" for left, right in merges)
+    (directory / "merges.txt").write_text(f"#version: 0.2\n{lines}", encoding="utf-8")
+    end = CAUSALLM_SPECIALS[0]
+    settings = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "add_prefix_space": False,
+        "errors": "replace",
+        "model_max_length": 8192,
+        "bos_token": end,
+        "eos_token": end,
+        "pad_token": end,
+        "unk_token": end,
+        "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": {
+            str(len(vocab) + i): {
+                "content": token,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
+            for i, token in enumerate(CAUSALLM_SPECIALS)
+        },
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(settings, indent=1))
+    return AutoTokenizer.from_pretrained(directory)
+
+
+@pytest.fixture(scope="session")
+def causallm_lm_path(tiny_dir: Path) -> Path:
+    """CausalLM's tokenizer directory (real vocabulary) with a 2-layer random Llama of 152,064 rows beside it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tiny_dir / "causallm-vocab"
+    tokenizer = build_causallm_tokenizer(path)
+    assert len(tokenizer) == 151646 and tokenizer.convert_tokens_to_ids("<|im_end|>") == 151645
+    torch.manual_seed(4)
+    config = LlamaConfig(
+        vocab_size=CAUSALLM_VOCAB_ROWS,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight[len(tokenizer) :] = 0.0  # as in tiny_lm_path: comparable with transformers
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session", params=["toy-bpe", "causallm-vocab"])
+def text_lm_path(request) -> Path:
+    """Each text test runs on the tiny BPE and on CausalLM's real vocabulary."""
+    return request.getfixturevalue("tiny_lm_path" if request.param == "toy-bpe" else "causallm_lm_path")
+
+
+@pytest.fixture(scope="session")
+def causallm_adapter(causallm_lm_path: Path, tiny_dir: Path, tiny_clip_path: Path) -> Path:
+    return make_adapter(tiny_dir / "adapter-causallm-vocab", causallm_lm_path, tiny_clip_path)
+
+
+@pytest.fixture(scope="session")
+def causallm_model(causallm_adapter: Path):
+    import vlm
+
+    return vlm.load(causallm_adapter, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def text_adapter(request, text_lm_path: Path) -> Path:
+    """An adapter on each vocabulary, for the text tests that generate or export."""
+    return request.getfixturevalue("tiny_adapter" if text_lm_path.name == "lm" else "causallm_adapter")
+
+
+@pytest.fixture(scope="session")
+def text_model(request, text_lm_path: Path):
+    """A loaded model on each vocabulary, for the text tests that generate."""
+    return request.getfixturevalue("tiny_model" if text_lm_path.name == "lm" else "causallm_model")
 
 
 @pytest.fixture(scope="session")

@@ -77,8 +77,9 @@ def _image_part(path: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def hf_export(tiny_adapter: Path, tmp_path_factory) -> tuple[vlm.VisionLanguageModel, Path]:
-    model = vlm.load(tiny_adapter, device="cpu", dtype=torch.float32)
+def hf_export(text_adapter: Path, tmp_path_factory) -> tuple[vlm.VisionLanguageModel, Path]:
+    """An export on each vocabulary (the tiny BPE, CausalLM's real one)."""
+    model = vlm.load(text_adapter, device="cpu", dtype=torch.float32)
     with torch.no_grad():  # the random LM never stops, so greedy runs compare max_new_tokens tokens
         for token_id in model.stop_ids:
             model.lm.get_output_embeddings().weight[token_id] = 0.0

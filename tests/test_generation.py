@@ -8,7 +8,6 @@ import re
 
 import pytest
 
-from tests.conftest import build_test_tokenizer
 from vlm.generation import FILTERED, TextAssembler
 
 TEXT = (
@@ -18,8 +17,11 @@ TEXT = (
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return build_test_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+def tokenizer(text_lm_path):
+    """The tiny BPE, then CausalLM's real vocabulary."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(text_lm_path)
 
 
 def stream(tokenizer, ids, stop=(), blocked=()):
@@ -99,7 +101,7 @@ def test_stop_string_ends_the_answer_before_it(tokenizer):
 def test_each_id_costs_the_same_however_long_the_answer(tokenizer):
     """Only the ids since the last complete character are decoded again (and the word filter rescans only
     the last few characters), so a long answer does not slow down its own last tokens."""
-    ids = tokenizer.encode(TEXT * 20, add_special_tokens=False)  # ~3,000 characters
+    ids = tokenizer.encode(TEXT * 30, add_special_tokens=False)  # ~4,500 characters
     decoded_lengths = []
     decode = tokenizer.decode
 
@@ -236,26 +238,40 @@ def test_chinese_japanese_and_korean_blocked_words_match_inside_text(tokenizer):
     assert shown[-1] == f"class ass2 {FILTERED} 课{FILTERED}"
 
 
-def test_chinese_blocked_word_ids_are_banned_inside_chinese_text():
-    """The sampling ban agrees with the text filter: a Chinese word is banned right after Chinese characters, and
-    a Latin word right after a Chinese character (no Latin letter before it), but not inside a Latin word. The
-    tokenizer holds whole Chinese characters as ids, as CausalLM's Qwen vocabulary does."""
-    import torch
-
+@pytest.fixture(scope="module")
+def whole_character_tokenizer():
+    """A tiny BPE that holds whole Chinese characters as ids, each apart from the next."""
     from projector_training.toy.tokenizer import build_tokenizer
-    from vlm.generation import BlockedWordsProcessor
 
-    # Characters apart in the corpus: each becomes one id, and none merges with the next.
     tokenizer = build_tokenizer(["，".join("你真是个笨蛋好"), "the damn thing, the dog"] * 20, vocab_size=400)
     assert [tokenizer.decode([i]) for i in tokenizer.encode("你真是个", add_special_tokens=False)] == list("你真是个")
+    return tokenizer
+
+
+@pytest.mark.parametrize("which", ["whole characters", "module tokenizer"])
+def test_chinese_blocked_word_ids_are_banned_inside_chinese_text(which, whole_character_tokenizer, tokenizer):
+    """The sampling ban agrees with the text filter: a Chinese word is banned right after Chinese characters and
+    after full-width punctuation, and a Latin word right after a Chinese character (no Latin letter before it), but
+    not inside a Latin word. Run on a tokenizer of whole Chinese characters, on the tiny BPE (bytes) and on
+    CausalLM's real vocabulary (whole characters, words, and characters split into bytes, as 笨 is)."""
+    import torch
+
+    from vlm.generation import BlockedWordsProcessor
+
+    tokenizer = whole_character_tokenizer if which == "whole characters" else tokenizer
     processor = BlockedWordsProcessor(tokenizer, ["笨蛋", "damn"], torch.device("cpu"))
 
     def banned(context: str, word: str) -> bool:
-        ids = tokenizer.encode(context + word, add_special_tokens=False)
+        """Whether any id of `word` is banned as it is generated after `context`, as the model would write it."""
         start = tokenizer.encode(context, add_special_tokens=False)
-        assert ids[: len(start)] == start, "the context must tokenize on its own for this check"
-        scores = processor(torch.tensor([ids[:-1]]), torch.zeros(1, len(tokenizer) + 4))
-        return bool(torch.isinf(scores[0, ids[-1]]))
+        ids = tokenizer.encode(context + word, add_special_tokens=False)
+        word_ids = ids[len(start) :] if ids[: len(start)] == start else tokenizer.encode(word, add_special_tokens=False)
+        hits = []
+        for k, token in enumerate(word_ids):
+            scores = processor(torch.tensor([start + word_ids[:k]]), torch.zeros(1, len(tokenizer) + 4))
+            hits.append(bool(torch.isinf(scores[0, token])))
+        return any(hits)
 
-    assert banned("你真是个", "笨蛋") and banned("\n", "笨蛋")
-    assert banned("你好", "damn") and banned("\n", "damn") and not banned("the", "damn")
+    assert banned("你真是个", "笨蛋") and banned("\n", "笨蛋") and banned("他说：", "笨蛋")
+    assert banned("你好", "damn") and banned("\n", "damn")
+    assert not banned("the", "damn") and not banned("你真是个", "笨") and not banned("你好", "dam")

@@ -48,11 +48,11 @@ def test_image_slot_count_mismatch_is_a_clear_error(tiny_model, rgb_images):
         tiny_model(ids, pixel_values=two)
 
 
-def test_stream_equals_plain_and_batch_equals_single(tiny_model, rgb_images):
+def test_stream_equals_plain_and_batch_equals_single(text_model, rgb_images):
     question = "What is it?"
-    plain = tiny_model.ask(rgb_images[0], question, max_new_tokens=12)
+    plain = text_model.ask(rgb_images[0], question, max_new_tokens=12)
     streamed = list(
-        tiny_model.chat(
+        text_model.chat(
             [{"role": "user", "content": [{"type": "image", "image": rgb_images[0]}, question]}],
             stream=True,
             max_new_tokens=12,
@@ -60,8 +60,8 @@ def test_stream_equals_plain_and_batch_equals_single(tiny_model, rgb_images):
     )
     assert isinstance(plain, str) and plain
     assert len(streamed) > 1 and "".join(streamed) == plain
-    singles = [tiny_model.caption(p, max_new_tokens=8) for p in rgb_images]
-    assert tiny_model.caption_batch(rgb_images, batch_size=2, max_new_tokens=8) == singles
+    singles = [text_model.caption(p, max_new_tokens=8) for p in rgb_images]
+    assert text_model.caption_batch(rgb_images, batch_size=2, max_new_tokens=8) == singles
 
 
 def test_the_repetition_penalty_sees_each_row_as_it_would_alone(tiny_model, rgb_images, monkeypatch):
@@ -110,18 +110,18 @@ def test_an_unfinished_stream_is_an_error_in_its_thread_and_a_wait_in_others(tin
     assert tiny_model.chat(messages, max_new_tokens=6) == expected  # and this thread may generate again
 
 
-def test_stop_strings_cut_the_output(tiny_model, rgb_images):
-    full = tiny_model.caption(rgb_images[1], max_new_tokens=16)
+def test_stop_strings_cut_the_output(text_model, rgb_images):
+    full = text_model.caption(rgb_images[1], max_new_tokens=16)
     stop = full[len(full) // 2 : len(full) // 2 + 2]
     assert len(stop) == 2
-    cut = tiny_model.caption(rgb_images[1], max_new_tokens=16, stop=[stop])
+    cut = text_model.caption(rgb_images[1], max_new_tokens=16, stop=[stop])
     assert cut == full[: full.index(stop)]
 
 
-def test_blocked_words_never_appear(tiny_model, rgb_images):
-    full = tiny_model.caption(rgb_images[2], max_new_tokens=16)
+def test_blocked_words_never_appear(text_model, rgb_images):
+    full = text_model.caption(rgb_images[2], max_new_tokens=16)
     word = max(full.split(), key=len)
-    filtered = tiny_model.caption(rgb_images[2], max_new_tokens=16, blocked_words=[word])
+    filtered = text_model.caption(rgb_images[2], max_new_tokens=16, blocked_words=[word])
     assert word.lower() not in filtered.lower()
     assert filtered != full
 
@@ -135,20 +135,20 @@ def test_sampling_is_seeded(tiny_model, rgb_images):
     assert len(others | {a}) > 1
 
 
-def test_generation_never_emits_image_or_spare_rows(tiny_model, rgb_images):
-    chat = tiny_model.encode_messages([{"role": "user", "content": [{"type": "image", "image": rgb_images[0]}]}])
-    batch = tiny_model._batch([chat], 20)
+def test_generation_never_emits_image_or_spare_rows(text_model, rgb_images):
+    chat = text_model.encode_messages([{"role": "user", "content": [{"type": "image", "image": rgb_images[0]}]}])
+    batch = text_model._batch([chat], 20)
     with torch.no_grad():  # make the image row the most likely token: it must still be suppressed
-        head = tiny_model.lm.get_output_embeddings().weight
-        saved = head[tiny_model.config.image_token_id].clone()
-        head[tiny_model.config.image_token_id] = head.abs().max() * 100
+        head = text_model.lm.get_output_embeddings().weight
+        saved = head[text_model.config.image_token_id].clone()
+        head[text_model.config.image_token_id] = head.abs().max() * 100
     try:
         options = vlm.GenerationOptions(max_new_tokens=20)
-        ids = torch.cat(list(tiny_model.generate_tokens(**batch, options=options)))
+        ids = torch.cat(list(text_model.generate_tokens(**batch, options=options)))
     finally:
         with torch.no_grad():
-            head[tiny_model.config.image_token_id] = saved
-    assert int(ids.max()) < len(tiny_model.tokenizer)
+            head[text_model.config.image_token_id] = saved
+    assert int(ids.max()) < len(text_model.tokenizer)
 
 
 def test_the_limit_is_never_past_the_lms_positions(tiny_model, rgb_images):
