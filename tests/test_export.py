@@ -235,6 +235,34 @@ def test_processor_resizes_within_a_grey_level_or_two_of_ours(hf_export):
     assert 0 < grey_levels.max().item() <= 2
 
 
+@pytest.mark.parametrize("aspect", ["pad", "crop", "resize"])
+def test_exported_processor_preprocesses_as_vlm_in_every_aspect_mode(aspect, tiny_dir, tiny_lm_path, tiny_clip_path):
+    """Images that need no resize come out identical, with sizes that hit the pad and crop rounding (odd margins,
+    a margin of one); images that need resizing differ by a grey level or two (torchvision's antialiased bicubic
+    against PIL's), never by a pixel's shift."""
+    from transformers import AutoProcessor
+
+    adapter = make_adapter(tiny_dir / f"adapter-{aspect}", tiny_lm_path, tiny_clip_path, image_aspect=aspect)
+    model = vlm.load(adapter, device="cpu", dtype=torch.float32)
+    with pytest.warns(UserWarning, match="preprocessed identically"):
+        out = export_llava_hf(model, tiny_dir / f"llava-{aspect}")
+    processor = AutoProcessor.from_pretrained(out).image_processor
+    rng = np.random.default_rng(7)
+    exact = {
+        "pad": [(32, 32), (32, 19), (14, 32), (32, 31), (32, 1)],
+        "crop": [(32, 32), (47, 32), (35, 32), (32, 47), (33, 32), (32, 34)],
+        "resize": [(32, 32)],
+    }[aspect]
+    resized = [(45, 45), (100, 37), (37, 100), (64, 33)]
+    std = torch.tensor(model.vision.std)[None, :, None, None]
+    for sizes, bound in ((exact, 1e-6), (resized, 2.5 / 255)):
+        images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+        for image, (w, h) in zip(images, sizes, strict=True):
+            theirs = processor(images=[image], return_tensors="pt")["pixel_values"]
+            difference = ((theirs - model.pixel_values([image])) * std).abs().max().item()
+            assert difference <= bound, f"{aspect} {w}x{h}: {difference * 255:.1f} grey levels apart"
+
+
 def test_loaded_llava_generates_our_greedy_tokens(hf_export, tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 

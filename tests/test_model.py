@@ -236,16 +236,22 @@ def test_preprocess_modes():
     "width, height, size",
     [(47, 30, 32), (30, 47, 32), (33, 100, 32), (100, 33, 32), (64, 35, 32), (214, 107, 224), (227, 224, 224)],
 )
-def test_crop_mode_equals_clips_own_transform(width, height, size):
-    """`crop` is CLIP's torchvision transform exactly: sizes truncated (100 x 32 / 33 -> 96, not 97; but 224 x 214
-    / 107 is 448 however the float division rounds), crop offsets rounded (227 - 224 -> 2, not 1)."""
+def test_crop_mode_equals_clips_own_transform_with_transformers_crop_offsets(width, height, size):
+    """`crop` is CLIP's torchvision transform with sizes truncated (100 x 32 / 33 -> 96, not 97; but 224 x 214 / 107
+    is 448 however the float division rounds) and the crop offsets truncated as transformers (and so the llava-hf
+    export, LLaVA and vLLM) cut them: 227 - 224 -> 1, where torchvision's CenterCrop rounds to 2."""
     from torchvision import transforms
+    from torchvision.transforms import functional
 
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+    def crop(image):
+        return functional.crop(image, (image.height - size) // 2, (image.width - size) // 2, size, size)
+
     clip = transforms.Compose(
         [
             transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(size),
+            transforms.Lambda(crop),
             transforms.ToTensor(),
             transforms.Normalize(mean, std),
         ]

@@ -32,7 +32,7 @@ def preprocess_image(
     """RGB PIL image -> normalised (3, size, size) float32 tensor.
 
     `pad`: pad to a square with the mean colour, then resize (LLaVA-1.5); `resize`: squash to a square;
-    `crop`: resize the short side to `size`, then centre-crop (CLIP's own transform).
+    `crop`: resize the short side to `size`, then centre-crop (CLIP's own transform, with transformers' crop offsets).
     """
     image = image.convert("RGB")
     width, height = image.size
@@ -61,11 +61,12 @@ def preprocess_image(
     elif aspect == "resize":
         image = image.resize((size, size), Image.Resampling.BICUBIC)
     elif aspect == "crop":
-        # torchvision's (and transformers') arithmetic: the long side truncated, the offsets rounded (`short` is
-        # still the short side: the cut above keeps it)
+        # transformers' arithmetic (CLIPImageProcessor, LLaVA's, the llava-hf export's): the long side truncated,
+        # the offsets too, where torchvision's CenterCrop rounds them (one pixel apart when the margin is odd).
+        # `short` is still the short side: the cut above keeps it.
         new_w, new_h = (size, int(size * height / short)) if width == short else (int(size * width / short), size)
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        left, top = round((new_w - size) / 2.0), round((new_h - size) / 2.0)
+        left, top = (new_w - size) // 2, (new_h - size) // 2
         image = image.crop((left, top, left + size, top + size))
     else:
         raise ConfigError(f"unknown image aspect mode {aspect!r}: use 'pad', 'resize' or 'crop'")
