@@ -131,7 +131,7 @@ def test_ctrl_c_stops_the_answer_not_the_chat(tiny_adapter, rgb_images, monkeypa
     from vlm.model import VisionLanguageModel
 
     chat = VisionLanguageModel.chat
-    calls, closed = [], []
+    calls, closed, shown = [], [], []
 
     class Interrupted:
         """The first answer's stream: one piece, then Ctrl-C."""
@@ -146,23 +146,27 @@ def test_ctrl_c_stops_the_answer_not_the_chat(tiny_adapter, rgb_images, monkeypa
             self.pieces += 1
             if self.pieces > 1:
                 raise KeyboardInterrupt
-            return next(self.inner)
+            shown.append(next(self.inner))
+            return shown[-1]
 
         def close(self):
             closed.append(True)
             self.inner.close()
 
     def interrupted(self, messages, stream=False, **kwargs):
-        calls.append([m["role"] for m in messages])
+        calls.append([dict(m) for m in messages])
         inner = chat(self, messages, stream=True, **kwargs)
         return Interrupted(inner) if len(calls) == 1 else inner
 
     monkeypatch.setattr(VisionLanguageModel, "chat", interrupted)
     monkeypatch.setattr("sys.stdin", io.StringIO("first?\nsecond?\n"))
     assert cli.main(["chat", "-m", str(tiny_adapter), "--max-new-tokens", "6", "--json"]) == 0
-    assert closed == [True]
-    assert calls == [["user"], ["user", "assistant", "user"]]  # the partial answer stays in the conversation
-    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert closed == [True] and len(shown) == 1 and shown[0]
+    assert [[m["role"] for m in c] for c in calls] == [["user"], ["user", "assistant", "user"]]
+    partial = calls[1][1]["content"]  # the partial answer stays in the conversation, as it was shown
+    assert (partial if isinstance(partial, str) else "".join(p["text"] for p in partial)) == shown[0]
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 2 and lines[0] == {"role": "assistant", "content": shown[0]}
 
 
 def test_typed_paths_are_taken_as_they_are_when_they_exist(tmp_path):

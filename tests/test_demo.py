@@ -157,12 +157,37 @@ def test_blocked_words_and_settings_reach_the_model(tiny_model, rgb_images):
     assert word not in filtered
 
 
+def test_temperature_and_top_p_reach_the_model(tiny_model, rgb_images, monkeypatch):
+    """Every other demo test runs greedy: here the sampling settings must arrive as given."""
+    seen = []
+    chat = tiny_model.chat
+
+    def recording_chat(messages, **options):
+        seen.append(options)
+        return chat(messages, **options)
+
+    monkeypatch.setattr(tiny_model, "chat", recording_chat)
+    message = {"text": "Describe it.", "files": [str(rgb_images[0])]}
+    answer = list(respond(tiny_model, message, [], "", 0.7, 0.9, MAX_NEW_TOKENS, ""))[-1]
+    assert answer and seen and (seen[-1]["temperature"], seen[-1]["top_p"]) == (0.7, 0.9)
+    assert seen[-1]["max_new_tokens"] == MAX_NEW_TOKENS
+
+
 def test_every_generating_event_shares_one_queue_and_the_port_is_checked_first(tiny_model, tmp_path):
     """Gradio queues events per function: the browser's submit and the /chat API would each let one generation in
     at a time. And a busy port is a one-line error before any model is loaded."""
     app = build_app(tiny_model, examples=[])
-    generating = [e for e in app.fns.values() if e.api_name == "chat" or e.name == "_submit_fn"]
-    assert len(generating) >= 2 and {(e.concurrency_id, e.concurrency_limit) for e in generating} == {("model", 1)}
+
+    def unwrapped(event):
+        return getattr(event.fn, "__wrapped__", event.fn)
+
+    chat_fn = next(unwrapped(e) for e in app.fns.values() if e.api_name == "chat")
+    generating = {e.api_name: e for e in app.fns.values() if unwrapped(e) is chat_fn}
+    # the /chat API, then Gradio's submit, retry and example events, which call the same function
+    assert set(generating) == {"chat", "_submit_fn", "_submit_fn_1", "_submit_fn_2"}
+    assert {(e.concurrency_id, e.concurrency_limit) for e in generating.values()} == {("model", 1)}
+    others = [e for e in app.fns.values() if e.api_name not in generating]
+    assert others and all(e.concurrency_id != "model" for e in others)  # nothing else waits behind generations
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

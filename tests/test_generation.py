@@ -275,3 +275,24 @@ def test_chinese_blocked_word_ids_are_banned_inside_chinese_text(which, whole_ch
     assert banned("你真是个", "笨蛋") and banned("\n", "笨蛋") and banned("他说：", "笨蛋")
     assert banned("你好", "damn") and banned("\n", "damn")
     assert not banned("the", "damn") and not banned("你真是个", "笨") and not banned("你好", "dam")
+
+
+def test_sampling_options_shape_the_next_token_distribution():
+    """top-p, top-k, temperature and the repetition penalty each change what can be drawn, on a known distribution
+    (probabilities 0.6, 0.3, 0.1): not just that some option was accepted."""
+    import torch
+
+    from vlm.generation import GenerationOptions, TokenSelector
+
+    logits = torch.tensor([[0.6, 0.3, 0.1]]).log()  # (1, V)
+    history = torch.tensor([[0]])  # (1, T): id 0 was generated before
+
+    def draws(**options):
+        select = TokenSelector(GenerationOptions(seed=0, **options), None, [], torch.device("cpu"))
+        return {int(select(history, logits.clone())) for _ in range(300)}
+
+    assert draws(temperature=1.0) == {0, 1, 2}
+    assert draws(temperature=1.0, top_p=0.5) == {0}  # 0.6 covers the top 0.5 alone
+    assert draws(temperature=1.0, top_k=2) == {0, 1}
+    assert draws(temperature=0.05) == {0}  # nearly greedy
+    assert draws(temperature=0.0) == {0} and draws(temperature=0.0, repetition_penalty=10.0) == {1}

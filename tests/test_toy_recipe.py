@@ -52,3 +52,26 @@ def test_vlm_caption_prints_held_out_captions(toy_adapter: Path, toy_world) -> N
     right = sum(printed[image] == r["conversations"][1]["value"] for image, r in zip(images, records, strict=True))
     print(f"vlm caption: {right}/{len(records)} held-out captions exactly right")
     assert right >= 18
+
+
+def test_the_toy_model_writes_around_a_blocked_word(toy_adapter: Path, toy_world) -> None:
+    """Blocked at sampling time, the colour is replaced by another word the model chooses, not by the text filter's
+    marker: the ban steers generation (the filter is the net behind it). Without the ban the filter would show
+    "[filtered]" where the colour was. The tiny LM sometimes glues the colour onto the word before ("a smallred"),
+    which the whole-word rule lets through, as it lets "class" through for "ass"."""
+    import vlm
+    from projector_training.toy.world import COLOURS
+    from vlm.generation import FILTERED
+
+    model = vlm.load(toy_adapter, device="cpu")
+    records = load_records(toy_world.eval_captions_json)[:6]
+    images = [str(toy_world.root / r["image"]) for r in records]
+    recoloured = 0
+    for image, record, caption in zip(images, records, model.caption_batch(images), strict=True):
+        colour = next(w for w in caption.split() if w in COLOURS)
+        assert caption == record["conversations"][1]["value"]
+        banned = model.caption(image, blocked_words=[colour])
+        print(f"{caption!r} with {colour!r} blocked -> {banned!r}")
+        assert colour not in banned.split() and FILTERED not in banned and banned.strip()
+        recoloured += any(w in COLOURS for w in banned.split())
+    assert recoloured >= len(records) // 2

@@ -253,7 +253,6 @@ def test_micro_clip_reloads_through_local_dir(micro_world) -> None:
     patches = out["image_intermediates"][0]  # (B, N, D), CLS in the prefix
     assert patches.shape == (2, micro_world.num_image_tokens, config.clip_width)
     assert out["image_intermediates_prefix"][0].shape == (2, 1, config.clip_width)
-    assert 0.0 <= micro_world.clip_metrics["accuracy"] <= 1.0
 
 
 def test_micro_lm_layout(micro_world) -> None:

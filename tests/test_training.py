@@ -273,12 +273,15 @@ def test_out_of_memory_mid_run_says_how_to_continue(micro_world, tmp_path, monke
     assert (tmp_path / "oom" / "checkpoints" / "step-00000002" / "trainer_state.json").is_file()
 
 
-def test_nonfinite_losses_are_skipped_then_abort(micro_world, tmp_path):
+def test_nonfinite_losses_are_skipped_then_abort(micro_world, tmp_path, caplog):
+    """With a limit of 1, the first non-finite step is skipped and training goes on; the second one aborts."""
     cfg = parse_args(
         _flags(micro_world, tmp_path / "nan", lr=1e30, **{"max-nonfinite-steps": 1, "max-grad-norm": 1e30})
     )
-    with pytest.raises(VLMError, match="non-finite loss"):
+    with caplog.at_level("INFO"), pytest.raises(VLMError, match=r"^2 steps had a non-finite loss .*\(limit 1\)"):
         train(cfg)
+    skipped = [r.getMessage() for r in caplog.records if "update skipped" in r.getMessage()]
+    assert len(skipped) == 2 and skipped[0].endswith("update skipped (1 so far)"), skipped
 
 
 # --------------------------------------------------------------------------------------------------
@@ -547,15 +550,32 @@ def test_an_overflowed_gradient_is_skipped_not_spread_into_the_weights(micro_wor
     assert all(torch.isfinite(w).all() for w in _projector(run).values())
 
 
-def test_resuming_with_a_lower_learning_rate_uses_it(micro_world, tmp_path):
-    """What the non-finite guard advises: the checkpoint's optimiser state comes back, the new lr applies."""
+def test_resuming_with_a_lower_learning_rate_uses_it(micro_world, tmp_path, monkeypatch):
+    """What the non-finite guard advises: the checkpoint's optimiser state comes back, and this run's lr, betas, eps
+    and weight decay are the ones its steps use (observed at each AdamW step, against an uninterrupted run)."""
+    used: list[dict] = []
+    step = torch.optim.AdamW.step
+
+    def observed_step(self, *args, **kwargs):
+        used.append({k: self.param_groups[0][k] for k in ("lr", "betas", "eps", "weight_decay")})
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", observed_step)
+    train(parse_args(_flags(micro_world, tmp_path / "reference", **{"max-steps": 4})))
+    reference, used[:] = list(used), []
     out = tmp_path / "run"
     train(parse_args(_flags(micro_world, out, **{"max-steps": 2})))
-    train(parse_args(_flags(micro_world, out, **{"max-steps": 4, "lr": 1e-5})))
+    assert used == reference[:2]
+    used.clear()
+    new = {"max-steps": 4, "lr": 1e-5, "adam-beta1": 0.8, "adam-beta2": 0.99, "adam-eps": 1e-6, "weight-decay": 0.01}
+    train(parse_args(_flags(micro_world, out, **new)))
+    assert len(used) == 2 and reference[2]["lr"] > 0  # steps 3 and 4, resumed
+    for ours, theirs in zip(used, reference[2:], strict=True):
+        assert ours["lr"] == pytest.approx(theirs["lr"] * 1e-5 / 1e-3)  # the same schedule, from the new lr
+        assert (ours["betas"], ours["eps"], ours["weight_decay"]) == ((0.8, 0.99), 1e-6, 0.01)
     groups = torch.load(out / "checkpoints" / "step-00000004" / "optimizer.pt", weights_only=True)["param_groups"]
     scheduler = torch.load(out / "checkpoints" / "step-00000004" / "scheduler.pt", weights_only=True)
     assert {g["initial_lr"] for g in groups} == {1e-5} and scheduler["base_lrs"] == [1e-5]
-    assert all(g["lr"] <= 1e-5 for g in groups)  # the cosine reaches 0 at the last step
 
 
 def test_a_short_run_with_no_usable_sample_fails_and_says_why(micro_world, tmp_path):
@@ -577,6 +597,7 @@ def test_resuming_under_other_data_or_batching_is_refused(micro_world, tmp_path)
         ({"seed": 6}, r"seed was 5, now 6"),
         ({"global-batch-size": 4}, r"global_batch_size was 8, now 4"),
         ({"data": fewer}, r"the usable training records differ \(288 then, 280 now\)"),
+        ({"group-by-length": "false"}, r"group_by_length was True, now False"),
     ]:
         with pytest.raises(ConfigError, match=rf"step-00000002 belongs to a run with other data .*{message}"):
             train(parse_args(_flags(micro_world, out, **{"max-steps": 4, **changes})))
