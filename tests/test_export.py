@@ -730,7 +730,8 @@ def test_llama_cpp_runs_the_exported_gguf_files(tiny_adapter, tmp_path):
         print(f"llama.cpp image embeddings vs ours, max relative error by token layout: {errors}")
         assert min(errors.values()) <= 1e-3 and max(errors.values()) > 0.1
 
-        # The chat handler with the ChatML template runs end to end.
+        # The chat handler with the ChatML template runs end to end (the random LM's words mean nothing; what it
+        # answers is checked on the trained toy adapter, test_toy_adapter_in_llama_cpp_names_the_right_attributes).
         assert isinstance(_ask_llama_cpp(llm, image, "Describe it.", 8), str)
 
     with _llama_cpp(tiny_adapter, tmp_path, model, ftype="f16") as llm:  # the default, half-size mmproj
