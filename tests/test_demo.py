@@ -160,13 +160,13 @@ def test_blocked_words_and_settings_reach_the_model(tiny_model, rgb_images):
 def test_temperature_and_top_p_reach_the_model(tiny_model, rgb_images, monkeypatch):
     """Every other demo test runs greedy: here the sampling settings must arrive as given."""
     seen = []
-    chat = tiny_model.chat
+    chat = type(tiny_model).chat
 
-    def recording_chat(messages, **options):
+    def recording_chat(self, messages, **options):
         seen.append(options)
-        return chat(messages, **options)
+        return chat(self, messages, **options)
 
-    monkeypatch.setattr(tiny_model, "chat", recording_chat)
+    monkeypatch.setattr(type(tiny_model), "chat", recording_chat)  # the class: undone without a trace
     message = {"text": "Describe it.", "files": [str(rgb_images[0])]}
     answer = list(respond(tiny_model, message, [], "", 0.7, 0.9, MAX_NEW_TOKENS, ""))[-1]
     assert answer and seen and (seen[-1]["temperature"], seen[-1]["top_p"]) == (0.7, 0.9)
