@@ -237,8 +237,8 @@ def test_processor_resizes_within_a_grey_level_or_two_of_ours(hf_export):
 
 @pytest.mark.parametrize("aspect", ["pad", "crop", "resize"])
 def test_exported_processor_preprocesses_as_vlm_in_every_aspect_mode(aspect, tiny_dir, tiny_lm_path, tiny_clip_path):
-    """Images that need no resize come out identical, with sizes that hit the pad and crop rounding (odd margins,
-    a margin of one); images that need resizing differ by a grey level or two (torchvision's antialiased bicubic
+    """Images that need no resize come out identical, with sizes that hit the pad and crop rounding (margins of
+    1, 2, 3 and 15 pixels); images that need resizing differ by a grey level or two (torchvision's antialiased bicubic
     against PIL's), never by a pixel's shift."""
     from transformers import AutoProcessor
 

@@ -62,7 +62,8 @@ def preprocess_image(
         image = image.resize((size, size), Image.Resampling.BICUBIC)
     elif aspect == "crop":
         # transformers' arithmetic (CLIPImageProcessor, LLaVA's, the llava-hf export's): the long side truncated,
-        # the offsets too, where torchvision's CenterCrop rounds them (one pixel apart when the margin is odd).
+        # the offsets too, where torchvision's CenterCrop rounds them half to even (one pixel apart for margins of
+        # 3, 7, 11, ...).
         # `short` is still the short side: the cut above keeps it.
         new_w, new_h = (size, int(size * height / short)) if width == short else (int(size * width / short), size)
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
