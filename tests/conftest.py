@@ -50,18 +50,24 @@ def tiny_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lm_path(tiny_dir: Path) -> Path:
     """A 2-layer random Llama with spare embedding rows past the tokenizer (like CausalLM's)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     path = tiny_dir / "lm"
     tokenizer = build_test_tokenizer(path)
-    torch.manual_seed(0)
+    save_tiny_llama(path, tokenizer, rows=len(tokenizer) + 4, kv_heads=4, seed=0)
+    return path
+
+
+def save_tiny_llama(path: Path, tokenizer, rows: int, kv_heads: int, seed: int) -> None:
+    """A 2-layer, 64-wide random Llama with `rows` embedding rows, saved beside its tokenizer in `path`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer) + 4,
+        vocab_size=rows,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=4,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=512,
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
@@ -75,7 +81,6 @@ def tiny_lm_path(tiny_dir: Path) -> Path:
         # parity runs against transformers (which does not suppress them) comparable.
         model.lm_head.weight[len(tokenizer) :] = 0.0
     model.save_pretrained(path)
-    return path
 
 
 CAUSALLM_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -143,30 +148,10 @@ def build_causallm_tokenizer(directory: Path):
 @pytest.fixture(scope="session")
 def causallm_lm_path(tiny_dir: Path) -> Path:
     """CausalLM's tokenizer directory (real vocabulary) with a 2-layer random Llama of 152,064 rows beside it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     path = tiny_dir / "causallm-vocab"
     tokenizer = build_causallm_tokenizer(path)
     assert len(tokenizer) == 151646 and tokenizer.convert_tokens_to_ids("<|im_end|>") == 151645
-    torch.manual_seed(4)
-    config = LlamaConfig(
-        vocab_size=CAUSALLM_VOCAB_ROWS,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight[len(tokenizer) :] = 0.0  # as in tiny_lm_path: comparable with transformers
-    model.save_pretrained(path)
+    save_tiny_llama(path, tokenizer, rows=CAUSALLM_VOCAB_ROWS, kv_heads=2, seed=4)
     return path
 
 
