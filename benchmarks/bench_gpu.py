@@ -32,10 +32,10 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaFo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from vlm.api import VisionLanguageModel
 from vlm.config import AdapterConfig
 from vlm.generation import GenerationOptions
-from vlm.model import VisionLanguageModel
-from vlm.vision import HFCLIPTower
+from vlm.modeling.towers import HFCLIPTower
 
 SHAPES = {
     "14b": {"hidden_size": 5120, "intermediate_size": 13696, "num_hidden_layers": 40, "num_attention_heads": 40,
@@ -88,10 +88,11 @@ def build(size: str, device: torch.device, dtype: torch.dtype) -> tuple[VisionLa
         torch.set_default_dtype(default_dtype)
     tokenizer = build_tokenizer(["user assistant system image text"], vocab_size=256 + 20)
     config = AdapterConfig(lm=f"random-{size}", vision_tower="random-clip", image_token_id=lm_config.vocab_size - 1)
-    ours = VisionLanguageModel(config, vision, lm, tokenizer).to(device)
-    ours.projector.float()  # fp32 master weights, as in training
+    ours = VisionLanguageModel(config, vision, lm, tokenizer)
+    ours.module.to(device)
+    ours.module.projector.float()  # fp32 master weights, as in training
     # Random weights: decode a fixed number of tokens, never stopping early.
-    ours.stop_ids, ours.suppress_ids = [-1], [config.image_token_id]
+    ours.processor.stop_ids, ours.suppress_ids = [-1], [config.image_token_id]
 
     with torch.device("meta"):
         stock = LlavaForConditionalGeneration(
@@ -105,8 +106,8 @@ def build(size: str, device: torch.device, dtype: torch.dtype) -> tuple[VisionLa
             )
         )
     stock.model.vision_tower = vision.model
-    stock.model.multi_modal_projector.linear_1 = ours.projector[0]
-    stock.model.multi_modal_projector.linear_2 = ours.projector[2]
+    stock.model.multi_modal_projector.linear_1 = ours.module.projector[0]
+    stock.model.multi_modal_projector.linear_2 = ours.module.projector[2]
     stock.model.language_model = lm.model
     stock.lm_head = lm.lm_head
     stock.config._attn_implementation = "sdpa"
@@ -122,12 +123,12 @@ def inputs(ours: VisionLanguageModel, batch: int, device: torch.device, seed: in
     ids = torch.cat([text[:, :8], image, text[:, 8:]], dim=1)  # system prompt, image, question + answer
     labels = torch.full_like(ids, -100)
     labels[:, -LABEL_TOKENS:] = ids[:, -LABEL_TOKENS:]
-    size = ours.vision.image_size
+    size = ours.module.vision.image_size
     pixels = torch.randn((batch, 3, size, size), generator=g)
     return {
         "input_ids": ids.to(device),
         "labels": labels.to(device),
-        "pixel_values": pixels.to(device, ours.vision_dtype),
+        "pixel_values": pixels.to(device, ours.module.vision_dtype),
         "attention_mask": torch.ones_like(ids).to(device),
     }
 
@@ -200,8 +201,8 @@ def summarize_profile(rows: Sequence[Any], wall_s: float, on_device: bool, top: 
 def flops_per_sample(ours: VisionLanguageModel) -> float:
     """Model FLOPs of one training sample: LM forward + input-gradient backward, plus the tower forward.
     The same count for both sides, so utilisation ratios equal speed ratios."""
-    lm_params = sum(p.numel() for n, p in ours.lm.named_parameters() if "embed_tokens" not in n)
-    vision_params = sum(p.numel() for p in ours.vision.parameters())
+    lm_params = sum(p.numel() for n, p in ours.module.lm.named_parameters() if "embed_tokens" not in n)
+    vision_params = sum(p.numel() for p in ours.module.vision.parameters())
     tokens = ours.num_image_tokens + TEXT_TOKENS
     return 2 * 2 * lm_params * tokens + 2 * vision_params * (ours.num_image_tokens + 1)
 
@@ -211,20 +212,20 @@ def bench_training(
 ) -> dict[str, Any]:
     """Samples/s, peak memory and MFU at each batch until out of memory: stock, ours, and with `compiled`
     ours with its LM decoder layers through torch.compile (`ours_compiled`, compile time excluded)."""
-    params = list(ours.projector.parameters())
+    params = list(ours.module.projector.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     sides = [("stock", stock), ("ours", ours)] + ([("ours_compiled", ours)] if compiled else [])
     results: dict[str, Any] = {side: {} for side, _ in sides}
     for side, model in sides:
-        ours.compile_lm_layers(side == "ours_compiled")  # stock shares these layers: undone for the others
+        ours.module.compile_lm_layers(side == "ours_compiled")  # stock shares these layers: undone for the others
         for batch in batches:
             data = inputs(ours, batch, device)
 
             def step(model=model, data=data) -> None:
                 with autocast:
                     if model is ours:
-                        loss = ours(data["input_ids"], None, data["pixel_values"], labels=data["labels"]).loss
+                        loss = ours.module(data["input_ids"], None, data["pixel_values"], labels=data["labels"]).loss
                     else:
                         loss = stock(
                             input_ids=data["input_ids"], pixel_values=data["pixel_values"], labels=data["labels"]
@@ -249,7 +250,7 @@ def bench_training(
             if peak:
                 entry["mfu"] = round(flops_per_sample(ours) * batch / seconds / peak, 3)
             results[side][str(batch)] = entry
-    ours.compile_lm_layers(False)
+    ours.module.compile_lm_layers(False)
     results["auto_micro_batch"] = auto_micro_batch(ours, device, max(batches))
     for side, _ in sides:
         fits = {int(b): r for b, r in results[side].items() if isinstance(r, dict)}
@@ -274,14 +275,14 @@ def auto_micro_batch(ours: VisionLanguageModel, device: torch.device, largest: i
 
         def loss() -> torch.Tensor:
             with autocast:
-                return ours(data["input_ids"], None, data["pixel_values"], labels=data["labels"]).loss
+                return ours.module(data["input_ids"], None, data["pixel_values"], labels=data["labels"]).loss
 
-        return try_training_pass(ours, loss, device)
+        return try_training_pass(ours.module, loss, device)
 
     candidates = candidate_micro_batches(largest, largest)
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731 - stdout carries only the JSON
-    batch, checkpointing = fit_micro_batch(candidates, fits, ours.enable_gradient_checkpointing, False, log)
-    ours.enable_gradient_checkpointing(False)
+    batch, checkpointing = fit_micro_batch(candidates, fits, ours.module.enable_gradient_checkpointing, False, log)
+    ours.module.enable_gradient_checkpointing(False)
     return {"micro_batch": batch, "gradient_checkpointing": checkpointing}
 
 
@@ -289,16 +290,18 @@ def step_matrices(ours: VisionLanguageModel) -> list[torch.Tensor]:
     """The weight matrices a single-stream decode step reads, as the step reads them: per layer the fused
     q/k/v, the output projection, the fused gate/up and the down projection (the modules' own where a group
     is not fused), then the LM head."""
-    from vlm.fast_decode import fuse_projections
+    from vlm.generation.static import fuse_projections
 
     matrices = []
-    for layer, (qkv, _, gate_up, _) in zip(ours.lm.get_decoder().layers, fuse_projections(ours.lm), strict=True):
+    for layer, (qkv, _, gate_up, _) in zip(
+        ours.module.lm.get_decoder().layers, fuse_projections(ours.module.lm), strict=True
+    ):
         attn, mlp = layer.self_attn, layer.mlp
         matrices += [qkv] if qkv is not None else [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
         matrices.append(attn.o_proj.weight)
         matrices += [gate_up] if gate_up is not None else [mlp.gate_proj.weight, mlp.up_proj.weight]
         matrices.append(mlp.down_proj.weight)
-    return [m.detach() for m in matrices] + [ours.lm.get_output_embeddings().weight.detach()]
+    return [m.detach() for m in matrices] + [ours.module.lm.get_output_embeddings().weight.detach()]
 
 
 @torch.inference_mode()
@@ -318,9 +321,9 @@ def decode_floor(ours: VisionLanguageModel, device: torch.device, repeats: int) 
                 product(row, matrix)
 
         if device.type == "cuda":
-            from vlm.fast_decode import _capture_graph
+            from vlm.modeling.cuda_graphs import capture_graph
 
-            run = _capture_graph(run)[0].replay
+            run = capture_graph(run)[0].replay
         return timed(run, device, repeats=max(repeats, 10), warmup=3)
 
     step_s = products(torch.nn.functional.linear)
@@ -354,7 +357,7 @@ def bench_generation(
     """Per decode mode of ours (the first is reported as `ours`, others as `ours_<mode>`): the first fast
     reply, time to first token, single-stream tokens/s and batched captioning, each against stock. With `profile`,
     where the time of a first token and of 16 decode steps goes (see `profiled`)."""
-    ours.projector.to(ours.dtype)  # inference runs the projector in the LM's dtype, for both sides
+    ours.module.projector.to(ours.dtype)  # inference runs the projector in the LM's dtype, for both sides
     one = inputs(ours, 1, device)
     prompt = {k: one[k] for k in ("input_ids", "attention_mask", "pixel_values")}
     stock_kwargs = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0}

@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vlm.fast_decode import StaticDecoder
+from vlm.generation.static import StaticEngine
 
 # Operators that only reinterpret memory: no kernel runs for them.
 VIEWS = {
@@ -48,13 +48,13 @@ def count_ops(layers: int, prompt: int = 20) -> dict[str, collections.Counter[st
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4
     )
     lm = LlamaForCausalLM(config).eval().to(torch.bfloat16).requires_grad_(False)  # frozen, as in the adapter
-    static = StaticDecoder(lm, 1, 256, use_cuda_graph=False)
+    static = StaticEngine(lm, 1, 256, use_cuda_graph=False)
     embeds = torch.randn(1, prompt, config.hidden_size, dtype=torch.bfloat16)
     mask = torch.ones(1, prompt, dtype=torch.long)
     positions = torch.arange(prompt)[None]
     runs = {
         "prefill": lambda: static.prefill(embeds, mask, positions),
-        "step": lambda: static.step(torch.tensor([3]), torch.tensor([prompt]), prompt),
+        "step": lambda: static.step(torch.tensor([3]), torch.tensor([prompt])),
     }
     counts = {}
     for name, run in runs.items():

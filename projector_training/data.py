@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from vlm.errors import ImageError, PromptError, VLMError
-from vlm.prompt import IGNORE_INDEX, EncodedChat
+from vlm.processing.chat import IGNORE_INDEX, EncodedChat
+from vlm.processing.processor import Processor, right_padded
 
 __all__ = [
     "Collator",
@@ -166,10 +167,12 @@ class ConversationDataset(torch.utils.data.Dataset):
     image, malformed record, nothing left to learn after truncation) comes back as None: the collator
     drops it and the training loop counts it."""
 
-    def __init__(self, records: Sequence[dict[str, Any]], image_root: str | Path, model: Any, max_length: int):
+    def __init__(
+        self, records: Sequence[dict[str, Any]], image_root: str | Path, processor: Processor, max_length: int
+    ):
         self.records = records
         self.image_root = Path(image_root)
-        self.model = model  # a VisionLanguageModel: its tokenizer, template and tower preprocessing
+        self.processor = processor
         self.max_length = max_length
 
     def __len__(self) -> int:
@@ -183,18 +186,18 @@ class ConversationDataset(torch.utils.data.Dataset):
         record = self.records[index]
         try:
             messages = record_to_messages(record, self.image_root)
-            return len(self.model.encode_messages(messages, add_generation_prompt=False))
+            return len(self.processor.encode(messages, add_generation_prompt=False))
         except (DataError, PromptError):
             return sum(len(str(t.get("value", ""))) for t in record.get("conversations", []) if isinstance(t, dict))
 
     def __getitem__(self, index: int) -> Sample | None:
         try:
             messages = record_to_messages(self.records[index], self.image_root)
-            chat = self.model.encode_messages(messages, add_generation_prompt=False)
-            chat = truncate(chat, self.max_length, self.model.config.image_token_id)
+            chat = self.processor.encode(messages, add_generation_prompt=False)
+            chat = truncate(chat, self.max_length, self.processor.image_token_id)
             if chat is None:
                 return None
-            pixels = self.model.pixel_values(chat.images)
+            pixels = self.processor.pixel_values(chat.images)
         except (ImageError, DataError, PromptError):
             return None
         return Sample(chat.input_ids, chat.labels, pixels)
@@ -208,19 +211,10 @@ class Collator:
 
     def __call__(self, samples: Sequence[Sample | None]) -> dict[str, Any]:
         good = [s for s in samples if s is not None]
-        width = max((len(s.input_ids) for s in good), default=1)
-        ids = torch.full((len(good), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(good), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(good), width), dtype=torch.long)
-        for row, s in enumerate(good):
-            ids[row, : len(s.input_ids)] = torch.tensor(s.input_ids)
-            labels[row, : len(s.labels)] = torch.tensor(s.labels)
-            mask[row, : len(s.input_ids)] = 1
+        padded = right_padded([s.input_ids for s in good], [s.labels for s in good], self.pad_id)
         pixels = [s.pixel_values for s in good if s.pixel_values is not None]
         return {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "labels": labels,
+            **padded,
             "pixel_values": torch.cat(pixels) if pixels else None,
             "num_samples": len(good),
             "num_skipped": len(samples) - len(good),

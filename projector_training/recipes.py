@@ -121,7 +121,7 @@ def run_toy(cfg: TrainConfig) -> dict[str, Any]:
     from projector_training.toy import ToyConfig, ensure_toy_world
     from projector_training.toy.evaluate import evaluate, headline, provenance
     from projector_training.train import adapter_config, init_projector, train
-    from vlm.model import build_model, load
+    from vlm.api import build_model, load
 
     started = time.time()
     world_config = ToyConfig.micro() if cfg.toy_world == "micro" else ToyConfig()
@@ -131,7 +131,7 @@ def run_toy(cfg: TrainConfig) -> dict[str, Any]:
     cfg = toy_config(cfg, world)
 
     before_model = build_model(adapter_config(cfg), device="cpu")
-    init_projector(before_model, cfg)
+    init_projector(before_model.module, cfg)
     before = evaluate(before_model, world.world_dir)
     del before_model
 

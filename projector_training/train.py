@@ -42,11 +42,12 @@ from projector_training.data import (
     record_images,
 )
 from projector_training.memory import candidate_micro_batches, fit_micro_batch, is_out_of_memory, try_training_pass
-from vlm.config import PROJECTOR_NAME, AdapterConfig
+from vlm.adapter import PROJECTOR_NAME, load_llava_projector, write_adapter
+from vlm.api import build_model
+from vlm.config import AdapterConfig
 from vlm.errors import ConfigError, VLMError
-from vlm.model import VisionLanguageModel, build_model
-from vlm.projector import load_llava_projector
-from vlm.prompt import IGNORE_INDEX
+from vlm.modeling import VisionLanguageModule
+from vlm.processing.chat import IGNORE_INDEX
 
 __all__ = ["TrainState", "freeze", "main", "train"]
 
@@ -73,7 +74,7 @@ class TrainState:
 # Model
 
 
-def freeze(model: VisionLanguageModel, log: Any = logger.info) -> list[torch.nn.Parameter]:
+def freeze(model: VisionLanguageModule, log: Any = logger.info) -> list[torch.nn.Parameter]:
     """Only the projector trains. Logs each part as frozen or trainable; returns the trainable params."""
     model.vision.requires_grad_(False)
     model.lm.requires_grad_(False)
@@ -101,7 +102,7 @@ def adapter_config(cfg: TrainConfig) -> AdapterConfig:
     )
 
 
-def init_projector(model: VisionLanguageModel, cfg: TrainConfig) -> None:
+def init_projector(model: VisionLanguageModule, cfg: TrainConfig) -> None:
     """Seeded default init, or weights from an adapter directory / LLaVA mm_projector file."""
     torch.manual_seed(cfg.seed)
     for module in model.projector:
@@ -132,7 +133,7 @@ def _rng_state() -> dict[str, Any]:
 
 
 def save_checkpoint(
-    run_dir: Path, model: VisionLanguageModel, optimizer: Any, scheduler: Any, state: TrainState, keep: int
+    run_dir: Path, model: VisionLanguageModule, optimizer: Any, scheduler: Any, state: TrainState, keep: int
 ) -> Path:
     from safetensors.torch import save_file
 
@@ -163,7 +164,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return candidates[-1] if candidates else None
 
 
-def load_checkpoint(path: Path, model: VisionLanguageModel, optimizer: Any, scheduler: Any) -> TrainState:
+def load_checkpoint(path: Path, model: VisionLanguageModule, optimizer: Any, scheduler: Any) -> TrainState:
     from safetensors.torch import load_file
 
     device = next(model.projector.parameters()).device  # under FSDP the LM is still on the CPU here
@@ -227,14 +228,9 @@ def apply_optimizer_settings(cfg: TrainConfig, optimizer: Any, scheduler: Any, l
         log(f"the checkpoint trained at lr {restored:g}; this run goes on at {cfg.lr:g}")
 
 
-def save_adapter(run_dir: Path, model: VisionLanguageModel) -> None:
+def save_adapter(run_dir: Path, model: VisionLanguageModule) -> None:
     """The final adapter in the run directory, each file replaced atomically."""
-    tmp = run_dir / ".tmp-adapter"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_adapter(tmp)
-    for name in ("adapter_config.json", PROJECTOR_NAME):
-        os.replace(tmp / name, run_dir / name)
-    tmp.rmdir()
+    write_adapter(run_dir, model.config, model.projector_state())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -308,7 +304,8 @@ def train(cfg: TrainConfig) -> Path:
     #    not hold a whole replica); the projector, replicated, goes to the device now.
     lm_dtype = torch.bfloat16 if cfg.resolved_mixed_precision() == "bf16" else torch.float32
     fsdp = accelerator.distributed_type == DistributedType.FSDP
-    model = build_model(adapter_config(cfg), device="cpu" if fsdp else accelerator.device, dtype=lm_dtype)
+    built = build_model(adapter_config(cfg), device="cpu" if fsdp else accelerator.device, dtype=lm_dtype)
+    model, processor = built.module, built.processor
     model.projector.to(device=accelerator.device, dtype=torch.float32)
     init_projector(model, cfg)
     params = freeze(model, log)
@@ -320,7 +317,7 @@ def train(cfg: TrainConfig) -> Path:
         model.compile_lm_layers()
 
     # 3. The samples.
-    dataset = ConversationDataset(records, image_root, model, cfg.max_length)
+    dataset = ConversationDataset(records, image_root, processor, cfg.max_length)
     lengths = [dataset.length(i) for i in range(len(dataset))]
 
     # 4. The micro-batch: on a GPU, the largest that fits (halving micro_batch_size, checkpointing last).
@@ -359,7 +356,7 @@ def train(cfg: TrainConfig) -> Path:
         cfg.save(run_dir / "train_config.yaml")
     shapes = [tuple(p.shape) for p in params]
     model, optimizer = accelerator.prepare(model, optimizer)
-    core: VisionLanguageModel = accelerator.unwrap_model(model)
+    core: VisionLanguageModule = accelerator.unwrap_model(model)
     if fsdp:
         _check_projector_unsharded(core, shapes)
         log(f"FSDP: {_count_fsdp_units(model)} sharded units; the projector is replicated on every process")
@@ -369,7 +366,7 @@ def train(cfg: TrainConfig) -> Path:
         group_by_length=cfg.group_by_length, start_step=state.step, epochs=cfg.epochs,
     )  # fmt: skip
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=Collator(core.pad_id), num_workers=cfg.num_workers
+        dataset, batch_sampler=sampler, collate_fn=Collator(processor.pad_id), num_workers=cfg.num_workers
     )
     if cfg.report_to != "none":
         accelerator.init_trackers("train", config=cfg.to_dict())
@@ -524,7 +521,7 @@ def _can_probe(accelerator: Any, fsdp: bool) -> bool:
 
 
 def _choose_micro_batch(
-    cfg: TrainConfig, model: VisionLanguageModel, dataset: Any, lengths: list[int], accelerator: Any, log: Any
+    cfg: TrainConfig, model: VisionLanguageModule, dataset: Any, lengths: list[int], accelerator: Any, log: Any
 ) -> tuple[int, bool]:
     """Try forward + backward on the longest samples at each candidate micro-batch (see memory.py);
     every process tries on its own card, then all take the most cautious answer."""
@@ -534,7 +531,7 @@ def _choose_micro_batch(
     samples = sorted((s for s in (dataset[i] for i in longest) if s is not None), key=lambda s: -len(s.input_ids))
     if not samples:
         return cfg.micro_batch_size, cfg.gradient_checkpointing
-    collate = Collator(model.pad_id)
+    collate = Collator(dataset.processor.pad_id)
 
     def fits(batch: int) -> bool:
         m = collate([samples[i % len(samples)] for i in range(batch)])
@@ -564,7 +561,7 @@ def _out_of_memory_advice(run_dir: Path, step: int, micro_batch: int, micro: dic
     )
 
 
-def _check_projector_unsharded(core: VisionLanguageModel, shapes: list[tuple[int, ...]]) -> None:
+def _check_projector_unsharded(core: VisionLanguageModule, shapes: list[tuple[int, ...]]) -> None:
     """Under FSDP the frozen towers are sharded but the small trainable projector must stay whole."""
     from torch.distributed.tensor import DTensor
 

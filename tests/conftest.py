@@ -232,8 +232,8 @@ def make_adapter(directory: Path, lm: Path, tower: Path, backend: str = "hf", **
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import vlm
-    from vlm.model import VisionLanguageModel
-    from vlm.vision import build_vision_tower
+    from vlm.api import VisionLanguageModel
+    from vlm.modeling.towers import build_vision_tower
 
     config = vlm.AdapterConfig(lm=str(lm), vision_tower=str(tower), vision_backend=backend, **overrides)
     if backend == "open_clip":
@@ -242,7 +242,7 @@ def make_adapter(directory: Path, lm: Path, tower: Path, backend: str = "hf", **
         config, build_vision_tower(config), AutoModelForCausalLM.from_pretrained(lm), AutoTokenizer.from_pretrained(lm)
     )
     torch.manual_seed(3)
-    for p in model.projector.parameters():
+    for p in model.module.projector.parameters():
         torch.nn.init.normal_(p, std=0.2)
     model.save_adapter(directory)
     return directory
@@ -309,5 +309,5 @@ def toy_world(toy_adapter: Path):
     import vlm
     from projector_training.toy.world import WorldFiles
 
-    tower = vlm.AdapterConfig.load(toy_adapter).vision_tower.removeprefix("local-dir:")
+    tower = vlm.adapter.read_config(toy_adapter).vision_tower.removeprefix("local-dir:")
     return WorldFiles.at(Path(tower).parent / "world")

@@ -100,9 +100,9 @@ def test_decode_floor_reads_every_projection_once_and_the_lm_head():
     bench = load_bench()
     ours, _ = bench.build("tiny", torch.device("cpu"), torch.float32)
     matrices = bench.step_matrices(ours)
-    decoder = ours.lm.get_decoder()
+    decoder = ours.module.lm.get_decoder()
     linears = [m.weight for m in decoder.layers.modules() if isinstance(m, torch.nn.Linear)]
     assert len(matrices) == 4 * len(decoder.layers) + 1  # fused: q/k/v, o, gate/up, down per layer; the head
-    assert sum(m.numel() for m in matrices) == sum(w.numel() for w in linears) + ours.lm.lm_head.weight.numel()
-    assert matrices[-1].data_ptr() == ours.lm.lm_head.weight.data_ptr()
+    assert sum(m.numel() for m in matrices) == sum(w.numel() for w in linears) + ours.module.lm.lm_head.weight.numel()
+    assert matrices[-1].data_ptr() == ours.module.lm.lm_head.weight.data_ptr()
     assert {m.data_ptr() for m in matrices[:-1]} <= {w.data_ptr() for w in linears}  # the model's own storage

@@ -88,7 +88,7 @@ def test_export_and_import_llava_from_the_command_line(tiny_adapter, tmp_path):
     assert (tmp_path / "mmproj.gguf").stat().st_size > 0
 
     model = vlm.load(tiny_adapter, device="cpu")
-    state = {f"model.mm_projector.{k}": v for k, v in model.projector.state_dict().items()}
+    state = {f"model.mm_projector.{k}": v for k, v in model.module.projector.state_dict().items()}
     torch.save(state, tmp_path / "mm_projector.bin")
     out = run(
         "import-llava", str(tmp_path / "mm_projector.bin"), "--vision", model.config.vision_tower,
@@ -97,7 +97,8 @@ def test_export_and_import_llava_from_the_command_line(tiny_adapter, tmp_path):
     assert out.returncode == 0, out.stderr
     imported = vlm.load(tmp_path / "imported", device="cpu")
     assert all(
-        torch.equal(a, b) for a, b in zip(imported.projector.parameters(), model.projector.parameters(), strict=True)
+        torch.equal(a, b)
+        for a, b in zip(imported.module.projector.parameters(), model.module.projector.parameters(), strict=True)
     )
 
     out = run("import-llava", str(tmp_path / "mm_projector.bin"), "--vision", model.config.vision_tower,
@@ -128,7 +129,7 @@ def test_ctrl_c_stops_the_answer_not_the_chat(tiny_adapter, rgb_images, monkeypa
     import io
 
     from vlm import cli
-    from vlm.model import VisionLanguageModel
+    from vlm.api import VisionLanguageModel
 
     chat = VisionLanguageModel.chat
     calls, closed, shown = [], [], []

@@ -215,7 +215,7 @@ def test_null_settings_and_an_empty_answer_do_not_reach_the_model(tiny_model, rg
     message = {"text": "Describe it.", "files": [str(rgb_images[0])]}
     plain = list(respond(tiny_model, message, [], max_new_tokens=MAX_NEW_TOKENS))[-1]
     assert list(respond(tiny_model, message, [], None, 0.0, 1.0, MAX_NEW_TOKENS, None))[-1] == plain  # API nulls
-    monkeypatch.setattr(tiny_model, "stop_ids", [*tiny_model.stop_ids, *range(len(tiny_model.tokenizer) + 4)])
+    monkeypatch.setattr(tiny_model.processor, "stop_ids", [*tiny_model.stop_ids, *range(len(tiny_model.tokenizer) + 4)])
     empty = list(respond(tiny_model, message, [], max_new_tokens=MAX_NEW_TOKENS))[-1]
     assert empty.startswith(WARNING)  # so the exchange is dropped from what later turns send
     history = [{"role": "user", "content": "Describe it."}, {"role": "assistant", "content": empty}]

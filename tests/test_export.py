@@ -34,7 +34,7 @@ from vlm.export import (
     open_clip_to_hf,
     to_llava_hf,
 )
-from vlm.prompt import normalize_messages, render_text
+from vlm.processing.chat import normalize_messages, render_text
 
 gguf = pytest.importorskip("gguf")
 
@@ -52,7 +52,7 @@ def _square_images(directory: Path, size: int, count: int) -> list[Path]:
 
 def _greedy_ours(model: vlm.VisionLanguageModel, messages: list[dict[str, Any]], max_new_tokens: int) -> list[int]:
     """Our greedy continuation, up to and including the first stop token."""
-    batch = model._batch([model.encode_messages(messages)], max_new_tokens)
+    batch = model.generation_batch([model.encode_messages(messages)], max_new_tokens)
     tokens = []
     for step in model.generate_tokens(**batch, options=vlm.GenerationOptions(max_new_tokens=max_new_tokens)):
         tokens.append(int(step[0]))
@@ -82,7 +82,7 @@ def hf_export(text_adapter: Path, tmp_path_factory) -> tuple[vlm.VisionLanguageM
     model = vlm.load(text_adapter, device="cpu", dtype=torch.float32)
     with torch.no_grad():  # the random LM never stops, so greedy runs compare max_new_tokens tokens
         for token_id in model.stop_ids:
-            model.lm.get_output_embeddings().weight[token_id] = 0.0
+            model.module.lm.get_output_embeddings().weight[token_id] = 0.0
     model.decode_mode = "static"  # which fuses q/k/v and gate/up into shared matrices: each must still be saved
     model.caption(Image.new("RGB", (32, 32), (200, 30, 30)), max_new_tokens=2)
     with pytest.warns(UserWarning, match=r"Images of exactly 32x32 pixels are preprocessed identically"):
@@ -109,7 +109,7 @@ def test_llava_hf_export_loads_with_transformers(hf_export):
     image_processor = processor.image_processor
     assert image_processor.do_pad and not image_processor.do_center_crop
     assert image_processor.size == {"height": 32, "width": 32}
-    assert list(image_processor.image_mean) == list(model.vision.mean)
+    assert list(image_processor.image_mean) == list(model.module.vision.mean)
     generation = GenerationConfig.from_pretrained(out)
     stop_ids = sorted(model.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
     assert sorted(generation.eos_token_id) == stop_ids
@@ -118,9 +118,9 @@ def test_llava_hf_export_loads_with_transformers(hf_export):
     readme = (out / "README.md").read_text()
     assert "32x32 pixels are preprocessed identically" in readme and model.config.system_prompt in readme
     with torch.no_grad():  # the weights are ours
-        assert torch.equal(llava.model.multi_modal_projector.linear_2.weight, model.projector[2].weight)
-        assert torch.equal(llava.lm_head.weight, model.lm.get_output_embeddings().weight)
-        for name, weight in model.lm.get_decoder().named_parameters():
+        assert torch.equal(llava.model.multi_modal_projector.linear_2.weight, model.module.projector[2].weight)
+        assert torch.equal(llava.lm_head.weight, model.module.lm.get_output_embeddings().weight)
+        for name, weight in model.module.lm.get_decoder().named_parameters():
             assert torch.equal(llava.model.language_model.get_parameter(name), weight), name
 
 
@@ -230,7 +230,7 @@ def test_processor_resizes_within_a_grey_level_or_two_of_ours(hf_export):
     rng = np.random.default_rng(6)
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in [(45, 45), (100, 37)]]
     theirs = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-    std = torch.tensor(model.vision.std)[None, :, None, None]
+    std = torch.tensor(model.module.vision.std)[None, :, None, None]
     grey_levels = ((theirs - model.pixel_values(images)) * std * 255).abs()
     assert 0 < grey_levels.max().item() <= 2
 
@@ -254,7 +254,7 @@ def test_exported_processor_preprocesses_as_vlm_in_every_aspect_mode(aspect, tin
         "resize": [(32, 32)],
     }[aspect]
     resized = [(45, 45), (100, 37), (37, 100), (64, 33)]
-    std = torch.tensor(model.vision.std)[None, :, None, None]
+    std = torch.tensor(model.module.vision.std)[None, :, None, None]
     for sizes, bound in ((exact, 1e-6), (resized, 2.5 / 255)):
         images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
         for image, (w, h) in zip(images, sizes, strict=True):
@@ -349,7 +349,7 @@ def test_open_clip_adapter_exports_to_llava_hf(open_clip_adapter, tmp_path, rgb_
     with torch.no_grad():
         converted = to_llava_hf(model).model.get_image_features(pixel_values=pixels)
         converted = torch.stack(list(getattr(converted, "pooler_output", converted)))
-        assert (converted - model.encode_images(pixels)).abs().max().item() <= 1e-5
+        assert (converted - model.module.encode_images(pixels)).abs().max().item() <= 1e-5
     with pytest.warns(UserWarning, match="torchvision"):
         out = export_llava_hf(model, tmp_path / "llava")
     llava = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
@@ -359,7 +359,7 @@ def test_open_clip_adapter_exports_to_llava_hf(open_clip_adapter, tmp_path, rgb_
     chat = model.encode_messages(messages)
     ids = torch.tensor([chat.input_ids])
     with torch.no_grad():
-        ours = model(ids, pixel_values=model.pixel_values(chat.images)).logits
+        ours = model.module(ids, pixel_values=model.pixel_values(chat.images)).logits
         theirs = llava(input_ids=ids, pixel_values=model.pixel_values(chat.images)).logits
     assert (ours - theirs).abs().max().item() <= 1e-4
 
@@ -391,11 +391,11 @@ def test_import_llava_round_trips_through_llava_hf(tiny_lm_path, tiny_clip_path,
     adapter = import_llava(
         tmp_path / "mm_projector.bin", vision_tower=str(tiny_clip_path), lm=str(tiny_lm_path), out=tmp_path / "adapter"
     )
-    config = vlm.AdapterConfig.load(adapter)
+    config = vlm.adapter.read_config(adapter)
     assert (config.projector_type, config.vision_hidden_size, config.lm_hidden_size) == ("mlp2x_gelu", 32, 64)
     assert (config.select_layer, config.select_feature, config.image_aspect) == (-2, "patch", "pad")
     model = vlm.load(adapter, device="cpu", dtype=torch.float32)
-    assert torch.equal(model.projector[2].weight, original["model.mm_projector.2.weight"])
+    assert torch.equal(model.module.projector[2].weight, original["model.mm_projector.2.weight"])
     with pytest.warns(UserWarning):
         out = export_llava_hf(model, tmp_path / "llava")
     llava = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
@@ -406,7 +406,7 @@ def test_import_llava_round_trips_through_llava_hf(tiny_lm_path, tiny_clip_path,
     chat = model.encode_messages(messages, add_generation_prompt=False)
     ids, pixels = torch.tensor([chat.input_ids]), model.pixel_values(chat.images)
     with torch.no_grad():
-        diff = (model(ids, pixel_values=pixels).logits - llava(input_ids=ids, pixel_values=pixels).logits).abs()
+        diff = (model.module(ids, pixel_values=pixels).logits - llava(input_ids=ids, pixel_values=pixels).logits).abs()
     assert diff.max().item() <= 1e-4
 
 
@@ -417,8 +417,8 @@ def test_import_llava_round_trips_through_llava_hf(tiny_lm_path, tiny_clip_path,
 def test_import_llava_infers_linear_and_deeper_projectors(tiny_lm_path, tiny_clip_path, tmp_path, file, dims, expected):
     _llava_projector_file(tmp_path / file, dims)
     adapter = import_llava(tmp_path / file, vision_tower=str(tiny_clip_path), lm=str(tiny_lm_path), out=tmp_path / "a")
-    assert vlm.AdapterConfig.load(adapter).projector_type == expected
-    assert vlm.load(adapter, device="cpu").projector[0].weight.shape == (64, 32)
+    assert vlm.adapter.read_config(adapter).projector_type == expected
+    assert vlm.load(adapter, device="cpu").module.projector[0].weight.shape == (64, 32)
 
 
 @pytest.mark.parametrize(
@@ -479,8 +479,8 @@ def test_gguf_mmproj_has_llama_cpp_names_and_metadata(tiny_model, tiny_adapter, 
     }
     assert {k: fields[k] for k in expected} == expected
     assert fields["clip.vision.attention.layer_norm_epsilon"] == pytest.approx(1e-5)
-    assert fields["clip.vision.image_mean"] == pytest.approx(list(tiny_model.vision.mean))
-    assert fields["clip.vision.image_std"] == pytest.approx(list(tiny_model.vision.std))
+    assert fields["clip.vision.image_mean"] == pytest.approx(list(tiny_model.module.vision.mean))
+    assert fields["clip.vision.image_std"] == pytest.approx(list(tiny_model.module.vision.std))
 
     tensors = {t.name: t for t in reader.tensors}
     block = [f"{p}.{s}" for p in ("attn_q", "attn_k", "attn_v", "attn_out", "ln1", "ln2", "ffn_up", "ffn_down")
@@ -499,9 +499,9 @@ def test_gguf_mmproj_has_llama_cpp_names_and_metadata(tiny_model, tiny_adapter, 
     assert shapes["mm.0.weight"] == (32, 64) and shapes["mm.2.weight"] == (64, 64)
     assert tensors["mm.2.weight"].tensor_type == gguf.GGMLQuantizationType.F16
     assert tensors["mm.2.bias"].tensor_type == gguf.GGMLQuantizationType.F32
-    fc1 = tiny_model.vision.model.state_dict()["encoder.layers.1.mlp.fc1.weight"]
+    fc1 = tiny_model.module.vision.model.state_dict()["encoder.layers.1.mlp.fc1.weight"]
     assert np.allclose(np.asarray(tensors["v.blk.1.ffn_down.weight"].data), fc1.numpy(), atol=1e-3)
-    assert np.allclose(np.asarray(tensors["mm.2.bias"].data), tiny_model.projector[2].bias.detach().numpy())
+    assert np.allclose(np.asarray(tensors["mm.2.bias"].data), tiny_model.module.projector[2].bias.detach().numpy())
 
 
 def test_gguf_mmproj_converts_open_clip_towers(open_clip_adapter, tmp_path):
@@ -685,7 +685,7 @@ def _our_image_embeddings(model: vlm.VisionLanguageModel, image: Path, cls_last:
     the class token after the patches but still numbers positions from the first token and reads rows 1..N
     (ggml-org/llama.cpp#25814; the open PR #25844 fixes it)."""
     pixels = model.pixel_values([image])
-    embeddings = model.vision.model.embeddings
+    embeddings = model.module.vision.model.embeddings
     positions = embeddings.position_embedding.weight  # (1 + N, D)
 
     def relayout(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
@@ -693,11 +693,11 @@ def _our_image_embeddings(model: vlm.VisionLanguageModel, image: Path, cls_last:
         return torch.cat([raw[:, 1:], raw[:, :1]], dim=1) + positions
 
     handle = embeddings.register_forward_hook(relayout) if cls_last else None
-    model.projector[1].approximate = "tanh"
+    model.module.projector[1].approximate = "tanh"
     try:
-        return model.encode_images(pixels)[0].numpy()
+        return model.module.encode_images(pixels)[0].numpy()
     finally:
-        model.projector[1].approximate = "none"
+        model.module.projector[1].approximate = "none"
         if handle is not None:
             handle.remove()
 
@@ -831,9 +831,9 @@ def test_import_llava_makes_a_movable_adapter_and_refuses_what_it_cannot_use(
         out=tmp_path / "imported",
     )
     monkeypatch.chdir(tmp_path)
-    config = vlm.AdapterConfig.load(adapter)
+    config = vlm.adapter.read_config(adapter)
     assert config.vision_tower == f"local-dir:{tiny_open_clip_path.resolve()}" and config.lm == str(tiny_lm_path)
-    assert vlm.load(adapter, device="cpu").vision.hidden_size == 32  # loads from another working directory
+    assert vlm.load(adapter, device="cpu").module.vision.hidden_size == 32  # loads from another working directory
 
     # a bare open_clip architecture name would be a randomly initialised tower
     with pytest.raises(ConfigError, match=r"bare architecture name.*--vision-pretrained"):
@@ -879,8 +879,8 @@ def test_exports_and_adapters_are_readable_by_other_accounts_and_carry_no_load_s
     import os
     import stat
 
+    from vlm.adapter import _umask
     from vlm.export import LOAD_TIME_SETTINGS
-    from vlm.files import _umask
 
     expected_file, expected_dir = 0o666 & ~_umask(), 0o777 & ~_umask()
     _, out = hf_export

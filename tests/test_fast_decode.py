@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlm.fast_decode import StaticDecoder, fuse_projections
+from vlm.generation.static import StaticEngine, fuse_projections
 
 
 def _lm(seed: int = 0):
@@ -49,18 +49,18 @@ def test_prefill_and_steps_match_transformers_with_gqa_and_biases(compile_layers
     mask[1, :3] = 0  # left padding
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.inference_mode():
-        static = StaticDecoder(lm, batch, 256, use_cuda_graph=False, compile_layers=compile_layers)
+        static = StaticEngine(lm, batch, 256, use_cuda_graph=False, compile_layers=compile_layers)
         ours = static.prefill(embeds, mask, positions)
         cache = DynamicCache(config=lm.config)
         theirs = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **{cache_kwarg: cache}).logits[
             :, -1
         ]
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
-        for step in range(steps):
+        for _ in range(steps):
             ids = theirs.argmax(-1)
             positions = positions[:, -1:] + 1
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            ours = static.step(ids, positions, slot=length + step)
+            ours = static.step(ids, positions)
             theirs = lm(
                 input_ids=ids[:, None], attention_mask=mask, position_ids=positions, **{cache_kwarg: cache}
             ).logits[:, -1]
@@ -74,7 +74,7 @@ def test_prefill_and_steps_match_transformers_with_gqa_and_biases(compile_layers
 def test_fused_attention_inputs_are_bit_identical_to_the_modules_in_bf16():
     """q and k rotated as one tensor (half the kernels) give exactly transformers' numbers, not merely close
     ones: grouped-query heads, biases, bf16, a batch at different positions."""
-    from vlm.fast_decode import _attention_inputs
+    from vlm.generation.static import FusedWeights, _attention_inputs
 
     lm = _lm().to(torch.bfloat16)
     layer, heads = lm.model.layers[1], (4, 2)
@@ -82,7 +82,7 @@ def test_fused_attention_inputs_are_bit_identical_to_the_modules_in_bf16():
     positions = torch.stack([torch.arange(5), torch.arange(40, 45)])
     with torch.inference_mode():
         cos, sin = lm.model.rotary_emb(hidden, positions)
-        q_plain, kv_plain = _attention_inputs(layer, (None, None, None, None), hidden, cos, sin, *heads)
+        q_plain, kv_plain = _attention_inputs(layer, FusedWeights(None, None, None, None), hidden, cos, sin, *heads)
         weights = fuse_projections(lm)[1]
         assert weights[0] is not None
         q_fused, kv_fused = _attention_inputs(layer, weights, hidden, cos, sin, *heads)
@@ -114,7 +114,7 @@ def test_fused_projections_are_the_modules_own_weights():
     with torch.no_grad():
         torch.testing.assert_close(lm(input_ids=ids).logits, expected)
 
-    static = StaticDecoder(lm, 1, 256, use_cuda_graph=False)
+    static = StaticEngine(lm, 1, 256, use_cuda_graph=False)
     assert static.is_current()
     lm.to(torch.float64)  # new storage for every parameter: the decoder (and its graph) is out of date
     assert not static.is_current()
@@ -133,7 +133,7 @@ def test_trainable_or_unusual_projections_are_left_alone():
     embeds = torch.randn(batch, length, 64)
     mask = torch.ones(batch, length, dtype=torch.long)
     with torch.inference_mode():
-        ours = StaticDecoder(lm, batch, 256, use_cuda_graph=False).prefill(embeds, mask, mask.cumsum(-1) - 1)
+        ours = StaticEngine(lm, batch, 256, use_cuda_graph=False).prefill(embeds, mask, mask.cumsum(-1) - 1)
         theirs = lm(inputs_embeds=embeds).logits[:, -1]
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
@@ -148,8 +148,8 @@ def test_a_failed_compilation_decodes_eagerly_with_a_warning(tmp_path, monkeypat
     embeds = torch.randn(batch, length, 64)
     mask = torch.ones(batch, length, dtype=torch.long)
     with torch.inference_mode():
-        expected = StaticDecoder(lm, batch, 256, use_cuda_graph=False).prefill(embeds, mask, mask.cumsum(-1) - 1)
-        static = StaticDecoder(lm, batch, 256, use_cuda_graph=False, compile_layers=True)
+        expected = StaticEngine(lm, batch, 256, use_cuda_graph=False).prefill(embeds, mask, mask.cumsum(-1) - 1)
+        static = StaticEngine(lm, batch, 256, use_cuda_graph=False, compile_layers=True)
         with (
             inductor.patch({"cpp.cxx": (None, "no-such-c++-compiler"), "fx_graph_cache": False}),
             pytest.warns(UserWarning, match="decoding without torch.compile: compiling the decoder layers failed"),

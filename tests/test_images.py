@@ -1,4 +1,4 @@
-"""Tests for vlm.images.load_image: a battery of bad and unusual images, all generated here."""
+"""Tests for vlm.processing.images.load_image: a battery of bad and unusual images, all generated here."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from vlm.errors import ImageError, VLMError
-from vlm.images import load_image
+from vlm.processing.images import load_image
 
 RED = (255, 0, 0)
 BLUE = (0, 0, 255)
@@ -479,7 +479,7 @@ def test_permission_denied(tmp_path):
 
 
 def test_permission_denied_simulated(tmp_path, monkeypatch):
-    import vlm.images as images_module
+    import vlm.processing.images as images_module
 
     def deny(*args, **kwargs):
         raise PermissionError(13, "Permission denied")

@@ -12,11 +12,13 @@ import torch
 from PIL import Image
 
 import vlm
+from vlm.adapter import load_llava_projector
 from vlm.config import PRESETS, AdapterConfig
 from vlm.errors import ConfigError, InsufficientMemoryError, PromptError, VLMError
-from vlm.model import check_memory
-from vlm.projector import build_projector, load_llava_projector
-from vlm.vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, OpenCLIPTower, preprocess_image
+from vlm.modeling.loading import check_memory
+from vlm.modeling.projector import build_projector
+from vlm.modeling.towers import OpenCLIPTower
+from vlm.processing.image_processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, preprocess_image
 
 from .conftest import make_adapter
 
@@ -49,17 +51,17 @@ def test_load_defaults_and_round_trip(tiny_model, tiny_adapter, tmp_path):
     assert tiny_model.config.image_token_id == len(tiny_model.tokenizer)
     saved = tiny_model.save_adapter(tmp_path / "copy")
     again = vlm.load(saved, device="cpu")
-    for a, b in zip(tiny_model.projector.parameters(), again.projector.parameters(), strict=True):
+    for a, b in zip(tiny_model.module.projector.parameters(), again.module.projector.parameters(), strict=True):
         assert torch.equal(a, b)
     assert json.loads((saved / "adapter_config.json").read_text())["format_version"] == 1
 
 
 def test_only_the_projector_is_trainable(tiny_model):
-    trainable = {n.split(".")[0] for n, p in tiny_model.named_parameters() if p.requires_grad}
+    trainable = {n.split(".")[0] for n, p in tiny_model.module.named_parameters() if p.requires_grad}
     assert trainable == {"projector"}
-    tiny_model.train()
-    assert not tiny_model.vision.training and not tiny_model.lm.training
-    tiny_model.eval()
+    tiny_model.module.train()
+    assert not tiny_model.module.vision.training and not tiny_model.module.lm.training
+    tiny_model.module.eval()
 
 
 def test_image_slot_count_mismatch_is_a_clear_error(tiny_model, rgb_images):
@@ -67,7 +69,7 @@ def test_image_slot_count_mismatch_is_a_clear_error(tiny_model, rgb_images):
     ids = torch.tensor([chat.input_ids])
     two = tiny_model.pixel_values(rgb_images[:2])
     with pytest.raises(PromptError, match="16 image-token slots but 2 image"):
-        tiny_model(ids, pixel_values=two)
+        tiny_model.module(ids, pixel_values=two)
 
 
 def test_stream_equals_plain_and_batch_equals_single(text_model, rgb_images):
@@ -116,7 +118,7 @@ def test_an_unfinished_stream_is_an_error_in_its_thread_and_a_wait_in_others(tin
     thread waits for the stream to be closed."""
     import threading
 
-    monkeypatch.setattr("vlm.model.SAME_THREAD_WAIT_S", 0.5)
+    monkeypatch.setattr("vlm.api.SAME_THREAD_WAIT_S", 0.5)
 
     messages = [{"role": "user", "content": [{"type": "image", "image": rgb_images[0]}, "What is it?"]}]
     expected = tiny_model.chat(messages, max_new_tokens=6)
@@ -157,7 +159,7 @@ def test_blocked_words_never_appear(text_model, rgb_images):
     def favour(module, inputs, logits):  # (B, T, V): the spaced word 100 logits ahead of anything else
         return logits.index_add(-1, torch.tensor([spaced]), torch.full((*logits.shape[:-1], 1), 100.0))
 
-    hook = model.lm.get_output_embeddings().register_forward_hook(favour)
+    hook = model.module.lm.get_output_embeddings().register_forward_hook(favour)
     try:
         full = model.caption(rgb_images[2], max_new_tokens=12)
         filtered = model.caption(rgb_images[2], max_new_tokens=12, blocked_words=[word])
@@ -182,8 +184,8 @@ def test_generation_never_emits_image_or_spare_rows(text_model, rgb_images, row)
     """The image row and every spare row past the tokenizer (CausalLM: 151646-152063) are never generated, even as
     the most likely token: the fixtures zero the spare rows, so each case makes its row win on purpose."""
     chat = text_model.encode_messages([{"role": "user", "content": [{"type": "image", "image": rgb_images[0]}]}])
-    batch = text_model._batch([chat], 20)
-    head = text_model.lm.get_output_embeddings().weight
+    batch = text_model.generation_batch([chat], 20)
+    head = text_model.module.lm.get_output_embeddings().weight
     rows = head.shape[0]
     target = text_model.config.image_token_id if row == "image" else rows - 1
     assert target >= len(text_model.tokenizer) and (row == "image" or target != text_model.config.image_token_id)
@@ -205,7 +207,7 @@ def test_the_limit_is_never_past_the_lms_positions(tiny_model, rgb_images):
     """The adapter says 4096 but this LM knows 512 positions: a longer conversation is refused, not answered
     with whatever the LM makes of positions it never saw."""
     assert vlm.AdapterConfig(lm="x", vision_tower="y").max_length == 4096
-    assert tiny_model.lm.config.max_position_embeddings == 512
+    assert tiny_model.module.lm.config.max_position_embeddings == 512
     assert tiny_model.config.max_length == 512
     with pytest.raises(PromptError, match="over the limit of 512"):
         tiny_model.ask(rgb_images[0], "hello " * 200, max_new_tokens=64)
@@ -213,7 +215,7 @@ def test_the_limit_is_never_past_the_lms_positions(tiny_model, rgb_images):
 
 def test_over_long_input_is_refused_before_compute(tiny_adapter, rgb_images):
     model = vlm.load(tiny_adapter, device="cpu")
-    model.config.max_length = 40
+    model.processor.max_length = 40
     with pytest.raises(PromptError, match="over the limit of 40"):
         model.ask(rgb_images[0], "hello " * 30)
 
@@ -247,15 +249,15 @@ def test_whole_numbers_are_fine_where_floats_are_meant(tiny_model, rgb_images):
 def test_open_clip_tower_selects_the_right_block(tiny_dir, tiny_lm_path, tiny_open_clip_path, rgb_images):
     adapter = make_adapter(tiny_dir / "oc_adapter", tiny_lm_path, tiny_open_clip_path, backend="open_clip")
     model = vlm.load(adapter, device="cpu")
-    assert isinstance(model.vision, OpenCLIPTower)
-    assert model.vision.mean == (0.5, 0.5, 0.5) and model.num_image_tokens == 16
+    assert isinstance(model.module.vision, OpenCLIPTower)
+    assert model.module.vision.mean == (0.5, 0.5, 0.5) and model.num_image_tokens == 16
     pixels = model.pixel_values(rgb_images)
-    visual = model.vision.visual
+    visual = model.module.vision.visual
     with torch.no_grad():
         x = visual.ln_pre(visual.patch_dropout(visual._embeds(pixels)))
         for block in visual.transformer.resblocks[:-1]:  # select_layer -2: output of the second-to-last block
             x = block(x)
-        diff = (model.vision(pixels) - x[:, 1:]).abs().max().item()
+        diff = (model.module.vision(pixels) - x[:, 1:]).abs().max().item()
         assert diff < 1e-3, diff
     assert isinstance(model.caption(rgb_images[0], max_new_tokens=4), str)
 
@@ -272,9 +274,9 @@ def test_cls_patch_keeps_the_cls_token(tiny_dir, tiny_lm_path, tiny_clip_path, r
     clip = CLIPVisionModel.from_pretrained(tiny_clip_path).eval()
     with torch.no_grad():
         hidden = clip(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]  # (B, 1 + 16, D)
-        assert torch.allclose(model.vision(pixels), hidden, atol=1e-5)
+        assert torch.allclose(model.module.vision(pixels), hidden, atol=1e-5)
         patches = vlm.load(make_adapter(tiny_dir / "patch_adapter", tiny_lm_path, tiny_clip_path), device="cpu")
-        assert torch.allclose(patches.vision(pixels), hidden[:, 1:], atol=1e-5)
+        assert torch.allclose(patches.module.vision(pixels), hidden[:, 1:], atol=1e-5)
     assert isinstance(model.caption(rgb_images[0], max_new_tokens=3), str)
 
 
@@ -411,14 +413,14 @@ def test_static_cache_decoding_gives_the_same_tokens_as_the_plain_path(tiny_adap
     model.decode_mode = "static"
     assert model.chat_batch(conversations, batch_size=3, max_new_tokens=24) == plain
     assert model.caption(rgb_images[0], max_new_tokens=24, temperature=1.0, seed=3) == sampled
-    assert model._decoder is not None and model._decoder.max_len % 256 == 0
-    decoder = model._decoder
+    assert model.engines.static is not None and model.engines.static.max_len % 256 == 0
+    decoder = model.engines.static
     assert model.caption(rgb_images[0], max_new_tokens=24, temperature=1.0, seed=3) == sampled
-    assert model._decoder is decoder  # reused while the weights stay where they are
-    embeddings = model.lm.get_input_embeddings().weight
+    assert model.engines.static is decoder  # reused while the weights stay where they are
+    embeddings = model.module.lm.get_input_embeddings().weight
     embeddings.data = embeddings.data.clone()  # new storage, as moving or recasting the model gives every weight
     assert model.caption(rgb_images[0], max_new_tokens=24, temperature=1.0, seed=3) == sampled
-    assert model._decoder is not decoder  # its graph would read the old storage: rebuilt
+    assert model.engines.static is not decoder  # its graph would read the old storage: rebuilt
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
@@ -428,10 +430,10 @@ def test_overlapped_steps_give_the_same_tokens_with_at_most_one_step_to_spare(ti
     model = vlm.load(tiny_adapter, device="cpu")
     model.decode_mode = mode
     chats = [model.encode_messages(c) for c in padded_conversations(rgb_images)]
-    batch = model._batch(chats, max_new_tokens=12)
+    batch = model.generation_batch(chats, max_new_tokens=12)
     assert not bool(batch["attention_mask"].all())  # left-padded rows
     passes = []
-    model.lm.get_decoder().norm.register_forward_hook(lambda *_: passes.append(1))  # the prompt, then each step
+    model.module.lm.get_decoder().norm.register_forward_hook(lambda *_: passes.append(1))  # the prompt, then each step
 
     def run(overlap):
         model.overlap_steps = overlap
@@ -448,7 +450,8 @@ def test_overlapped_steps_give_the_same_tokens_with_at_most_one_step_to_spare(ti
     assert full.shape == (3, 12) and passes_plain == 12 and torch.equal(full, reference)
     overlapped, passes_overlapped = run(True)
     assert torch.equal(overlapped, full) and passes_overlapped == 12
-    model.stop_ids = sorted({*model.stop_ids, *(int(full[row, 3 + row]) for row in range(3))})  # all stop early
+    early = {int(full[row, 3 + row]) for row in range(3)}
+    model.processor.stop_ids = sorted({*model.stop_ids, *early})  # all stop early
     stopped, passes_plain = run(False)
     assert stopped.shape[1] < 12 and passes_plain == stopped.shape[1]
     overlapped, passes_overlapped = run(True)
@@ -461,23 +464,24 @@ def test_overlapped_steps_give_the_same_tokens_with_at_most_one_step_to_spare(ti
 def test_static_prefill_matches_transformers_logits_and_cache_on_a_left_padded_batch(tiny_model, rgb_images):
     from transformers import DynamicCache
 
-    from vlm.fast_decode import StaticDecoder
+    from vlm.generation.plain import PlainEngine
+    from vlm.generation.static import StaticEngine
 
     questions = ["What is it?", "What colour is the shape in this picture, and how big is it?"]
     chats = [tiny_model.encode_messages([{"role": "user", "content": [{"type": "image", "image": im}, q]}])
              for im, q in zip(rgb_images, questions, strict=False)]  # fmt: skip
-    batch = tiny_model._batch(chats, max_new_tokens=4)
+    batch = tiny_model.generation_batch(chats, max_new_tokens=4)
     mask = batch["attention_mask"]
     assert not bool(mask.all())  # real left padding
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.inference_mode():
-        embeds = tiny_model.embed(batch["input_ids"], batch["pixel_values"])
-        static = StaticDecoder(tiny_model.lm, 2, 256, use_cuda_graph=False)
+        embeds = tiny_model.module.embed(batch["input_ids"], batch["pixel_values"])
+        static = StaticEngine(tiny_model.module.lm, 2, 256, use_cuda_graph=False)
         ours = static.prefill(embeds, mask, positions)
-        cache = DynamicCache(config=tiny_model.lm.config)
-        theirs = tiny_model.lm(
+        cache = DynamicCache(config=tiny_model.module.lm.config)
+        theirs = tiny_model.module.lm(
             inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-            **{tiny_model._cache_kwarg: cache},
+            **{PlainEngine(tiny_model.module.lm, 2)._cache_kwarg: cache},
         ).logits[:, -1]  # fmt: skip
     assert torch.allclose(ours, theirs, atol=1e-5)
     real = mask.bool()[:, None, :, None]  # (B, 1, T, 1): pad slots hold values nobody reads
@@ -489,7 +493,7 @@ def test_static_prefill_matches_transformers_logits_and_cache_on_a_left_padded_b
 
 
 def test_a_decode_step_that_cannot_be_captured_falls_back_with_the_same_tokens(tiny_adapter, rgb_images, monkeypatch):
-    from vlm.fast_decode import StaticDecoder
+    from vlm.generation.static import StaticEngine
 
     model = vlm.load(tiny_adapter, device="cpu")
     model.decode_mode = "static"
@@ -498,18 +502,18 @@ def test_a_decode_step_that_cannot_be_captured_falls_back_with_the_same_tokens(t
     def uncapturable(self):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    original_init = StaticDecoder.__init__
+    original_init = StaticEngine.__init__
 
     def init(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
         self.use_cuda_graph = True  # as on a GPU
 
-    monkeypatch.setattr(StaticDecoder, "__init__", init)
-    monkeypatch.setattr(StaticDecoder, "_capture", uncapturable)
-    model._decoder = None
+    monkeypatch.setattr(StaticEngine, "__init__", init)
+    monkeypatch.setattr(StaticEngine, "_capture", uncapturable)
+    model.engines.static = None
     with pytest.warns(UserWarning, match="decoding without a CUDA graph"):
         assert model.caption(rgb_images[0], max_new_tokens=12) == plain
-    assert model._decoder.use_cuda_graph is False
+    assert model.engines.static.use_cuda_graph is False
 
 
 def test_compiled_decode_layers_give_the_same_tokens_and_compile_once(tiny_adapter, rgb_images):
@@ -534,7 +538,7 @@ def test_compiled_decode_layers_give_the_same_tokens_and_compile_once(tiny_adapt
 def test_graphed_tower_bookkeeping_replays_on_fresh_inputs_and_keeps_recent_shapes(tiny_model, rgb_images):
     """The CUDA capture itself needs a GPU (bench_gpu runs it); here a stand-in graph recomputes the
     function on the static buffers at replay, which is what a captured graph does."""
-    from vlm.fast_decode import GraphedForward
+    from vlm.modeling.cuda_graphs import GraphedForward
 
     class ReplayGraph:
         def __init__(self, fn, static_in, static_out):
@@ -553,31 +557,33 @@ def test_graphed_tower_bookkeeping_replays_on_fresh_inputs_and_keeps_recent_shap
             return static_in, ReplayGraph(self.fn, static_in, static_out), static_out
 
     pixels = tiny_model.pixel_values(rgb_images)  # (3, 3, S, S)
-    singles = [tiny_model.encode_images(pixels[i : i + 1]) for i in range(3)]
-    pair, plain = tiny_model.encode_images(pixels[:2]), tiny_model.encode_images(pixels)
-    tiny_model._graphed_vision = OnCPU(tiny_model.vision, max_shapes=2)
+    singles = [tiny_model.module.encode_images(pixels[i : i + 1]) for i in range(3)]
+    pair, plain = tiny_model.module.encode_images(pixels[:2]), tiny_model.module.encode_images(pixels)
+    tiny_model.module._graphed_vision = OnCPU(tiny_model.module.vision, max_shapes=2)
     try:
         for i in range(3):  # one image at a time: one capture, then replays on new pixels
-            assert torch.equal(tiny_model.encode_images(pixels[i : i + 1], graphed=True), singles[i])
-        assert torch.equal(tiny_model.encode_images(pixels[:2], graphed=True), pair)
-        assert torch.equal(tiny_model.encode_images(pixels, graphed=True), plain)  # a third shape evicts the first
-        assert tiny_model.encode_images(pixels[1:2], graphed=True).shape[0] == 1
+            assert torch.equal(tiny_model.module.encode_images(pixels[i : i + 1], graphed=True), singles[i])
+        assert torch.equal(tiny_model.module.encode_images(pixels[:2], graphed=True), pair)
+        assert torch.equal(
+            tiny_model.module.encode_images(pixels, graphed=True), plain
+        )  # a third shape evicts the first
+        assert tiny_model.module.encode_images(pixels[1:2], graphed=True).shape[0] == 1
         assert captured == [(1, 3, 32, 32), (2, 3, 32, 32), (3, 3, 32, 32), (1, 3, 32, 32)]
-        weight = next(tiny_model.vision.parameters())
+        weight = next(tiny_model.module.vision.parameters())
         weight.data = weight.data.clone()  # new storage, as moving the tower gives it: the graphs read the old
-        assert torch.equal(tiny_model.encode_images(pixels[1:2], graphed=True), singles[1])
+        assert torch.equal(tiny_model.module.encode_images(pixels[1:2], graphed=True), singles[1])
         assert len(captured) == 5  # captured again
 
         class Uncapturable(GraphedForward):
             def _capture(self, x):
                 raise RuntimeError("operation not permitted when stream is capturing")
 
-        tiny_model._graphed_vision = Uncapturable(tiny_model.vision)
+        tiny_model.module._graphed_vision = Uncapturable(tiny_model.module.vision)
         with pytest.warns(UserWarning, match="without a CUDA graph"):
-            assert torch.equal(tiny_model.encode_images(pixels, graphed=True), plain)
-        assert torch.equal(tiny_model.encode_images(pixels, graphed=True), plain)  # eager from now on
+            assert torch.equal(tiny_model.module.encode_images(pixels, graphed=True), plain)
+        assert torch.equal(tiny_model.module.encode_images(pixels, graphed=True), plain)  # eager from now on
     finally:
-        tiny_model._graphed_vision = None
+        tiny_model.module._graphed_vision = None
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import torch
 
 import vlm
 from vlm.export import to_llava_hf
-from vlm.prompt import IGNORE_INDEX
+from vlm.processing.chat import IGNORE_INDEX
 
 
 def _conversations(images):
@@ -50,7 +50,7 @@ def test_logits_match_transformers_llava_on_padded_multi_image_batch(pair, rgb_i
     ids, mask, _labels, pixels = _right_padded(model, _conversations(rgb_images))
     assert pixels.shape[0] == 3 and int(mask.sum(1).min()) < ids.shape[1]  # three images, real padding
     with torch.no_grad():
-        ours = model(ids, mask, pixels).logits
+        ours = model.module(ids, mask, pixels).logits
         theirs = llava(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
     real = mask.bool()
     assert (ours[real] - theirs[real]).abs().max().item() <= 1e-4
@@ -60,11 +60,11 @@ def test_loss_matches_transformers_and_head_runs_on_label_rows_only(pair, rgb_im
     model, llava = pair
     ids, mask, labels, pixels = _right_padded(model, _conversations(rgb_images))
     with torch.no_grad():
-        ours = model(ids, mask, pixels, labels=labels)
+        ours = model.module(ids, mask, pixels, labels=labels)
         theirs = llava(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels)
     assert abs(ours.loss.item() - theirs.loss.item()) <= 1e-5
     num_labels = int((labels[:, 1:] != IGNORE_INDEX).sum())
-    assert ours.logits.shape == (num_labels, model.lm.config.vocab_size)
+    assert ours.logits.shape == (num_labels, model.module.lm.config.vocab_size)
     assert ours.num_label_tokens == num_labels < ids.numel() // 4
 
 
@@ -75,15 +75,15 @@ def test_compiled_lm_layers_give_the_same_loss_and_projector_gradients(tiny_adap
     ids, mask, labels, pixels = _right_padded(model, _conversations(rgb_images))
 
     def loss_and_grads() -> tuple[float, list[torch.Tensor]]:
-        model.projector.zero_grad(set_to_none=True)
-        loss = model(ids, mask, pixels, labels=labels).loss
+        model.module.projector.zero_grad(set_to_none=True)
+        loss = model.module(ids, mask, pixels, labels=labels).loss
         loss.backward()
-        return loss.item(), [p.grad.clone() for p in model.projector.parameters()]
+        return loss.item(), [p.grad.clone() for p in model.module.projector.parameters()]
 
     plain_loss, plain_grads = loss_and_grads()
     torch._dynamo.reset()
     counters.clear()
-    model.compile_lm_layers()
+    model.module.compile_lm_layers()
     try:
         for _ in range(2):
             loss, grads = loss_and_grads()
@@ -91,38 +91,38 @@ def test_compiled_lm_layers_give_the_same_loss_and_projector_gradients(tiny_adap
             assert all(torch.allclose(g, h, rtol=1e-4, atol=1e-6) for g, h in zip(grads, plain_grads, strict=True))
         assert counters["stats"]["unique_graphs"] == 1  # one graph serves both layers and both calls
     finally:
-        model.compile_lm_layers(False)
-    assert all(layer._compiled_call_impl is None for layer in model.lm.get_decoder().layers)
+        model.module.compile_lm_layers(False)
+    assert all(layer._compiled_call_impl is None for layer in model.module.lm.get_decoder().layers)
 
 
 def test_gradient_checkpointing_recomputes_the_frozen_layers_and_gives_the_same_gradients(tiny_adapter, rgb_images):
     model = vlm.load(tiny_adapter, device="cpu", dtype=torch.float32)
-    model.train()
+    model.module.train()
     ids, mask, labels, pixels = _right_padded(model, _conversations(rgb_images))
     mlp_calls = []  # the recompute stops early, after the last op whose saved tensors backward needs
-    model.lm.get_decoder().layers[0].mlp.gate_proj.register_forward_hook(lambda *_: mlp_calls.append(1))
+    model.module.lm.get_decoder().layers[0].mlp.gate_proj.register_forward_hook(lambda *_: mlp_calls.append(1))
 
     def step() -> tuple[int, float, list[torch.Tensor]]:
         mlp_calls.clear()
-        model.projector.zero_grad(set_to_none=True)
-        loss = model(ids, mask, pixels, labels=labels).loss
+        model.module.projector.zero_grad(set_to_none=True)
+        loss = model.module(ids, mask, pixels, labels=labels).loss
         loss.backward()
-        return len(mlp_calls), loss.item(), [p.grad.clone() for p in model.projector.parameters()]
+        return len(mlp_calls), loss.item(), [p.grad.clone() for p in model.module.projector.parameters()]
 
     calls, plain_loss, plain_grads = step()
     assert calls == 1
-    model.enable_gradient_checkpointing()
+    model.module.enable_gradient_checkpointing()
     calls, loss, grads = step()
     assert calls == 2  # the layer ran again in backward: its activations were not kept
     assert abs(loss - plain_loss) <= 1e-6
     assert all(torch.allclose(g, h, rtol=1e-5, atol=1e-7) for g, h in zip(grads, plain_grads, strict=True))
-    assert not model.lm.get_decoder().layers[0].mlp.training  # dropout stays off in the frozen parts
-    model.enable_gradient_checkpointing(False)
+    assert not model.module.lm.get_decoder().layers[0].mlp.training  # dropout stays off in the frozen parts
+    model.module.enable_gradient_checkpointing(False)
     assert step()[0] == 1
-    model.eval()
+    model.module.eval()
     with torch.no_grad():
         mlp_calls.clear()
-        model(ids, mask, pixels)
+        model.module(ids, mask, pixels)
     assert len(mlp_calls) == 1
 
 
@@ -130,10 +130,10 @@ def test_greedy_generation_matches_transformers(tiny_adapter, rgb_images):
     model = vlm.load(tiny_adapter, device="cpu", dtype=torch.float32)
     with torch.no_grad():  # no early stop: both sides must produce 16 tokens to compare
         for token_id in model.stop_ids:
-            model.lm.get_output_embeddings().weight[token_id] = 0.0
+            model.module.lm.get_output_embeddings().weight[token_id] = 0.0
     llava = to_llava_hf(model)
     chats = [model.encode_messages(c[:2] if i == 0 else c[:1]) for i, c in enumerate(_conversations(rgb_images))]
-    batch = model._batch(chats, max_new_tokens=16)  # left-padded, two prompts of different lengths
+    batch = model.generation_batch(chats, max_new_tokens=16)  # left-padded, two prompts of different lengths
     ours = torch.stack(list(model.generate_tokens(**batch, options=vlm.GenerationOptions(max_new_tokens=16))), 1)
     theirs = llava.generate(**batch, max_new_tokens=16, do_sample=False, pad_token_id=model.pad_id)
     theirs = theirs[:, batch["input_ids"].shape[1] :]

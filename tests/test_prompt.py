@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from vlm.config import DEFAULT_SYSTEM_PROMPT
 from vlm.errors import PromptError
-from vlm.prompt import IGNORE_INDEX, ChatTokens, encode_chat, normalize_messages, render_text
+from vlm.processing.chat import IGNORE_INDEX, ChatTokens, encode_chat, normalize_messages, render_text
 
 NUM_IMAGE_TOKENS = 5
 
@@ -177,7 +177,7 @@ def test_typed_special_tokens_stay_text_whatever_other_threads_do(text_model, rg
     on the shared Rust tokenizer, so this used to leak the real <|im_end|> now and then."""
     import threading
 
-    from vlm.prompt import encode_text
+    from vlm.processing.chat import encode_text
 
     tokenizer = text_model.tokenizer
     special = set(tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|endoftext|>"]))
@@ -220,7 +220,7 @@ def test_typed_special_tokens_stay_text_whatever_other_threads_do(text_model, rg
 
 
 def test_typed_text_ids_equal_the_split_special_tokens_ids(tokenizer):
-    from vlm.prompt import encode_text
+    from vlm.processing.chat import encode_text
 
     for text in (INJECTION, "你好，世界 🌍", "\n\nleading newlines", "a small red circle", ""):
         assert (
@@ -234,7 +234,7 @@ def test_ids_equal_the_rendered_string_except_an_answer_that_starts_with_whitesp
     from the "assistant\\n" before it (labels start at the answer), which matters only when BPE would merge the
     answer's leading whitespace with that newline (Qwen's vocabulary has "\\n\\n" as one id, as this one)."""
     from projector_training.toy.tokenizer import build_tokenizer
-    from vlm.prompt import encode_text
+    from vlm.processing.chat import encode_text
 
     tokenizer = build_tokenizer(["Hi\n\n\nHello there.\n\n\n你好。 assistant user system"] * 50, vocab_size=300)
     assert len(encode_text(tokenizer, "\n\n")) == 1
@@ -277,7 +277,7 @@ def test_the_real_vocabulary_fixture_is_causallms_tokenizer(causallm_lm_path, ca
         "ばか、バカ野郎。너는 바보야. ＤＡＭＮ",
     ):
         assert tokenizer.encode(text, add_special_tokens=False) == oracle.encode(text), text
-    assert causallm_model.lm.get_input_embeddings().weight.shape[0] == CAUSALLM_VOCAB_ROWS
+    assert causallm_model.module.lm.get_input_embeddings().weight.shape[0] == CAUSALLM_VOCAB_ROWS
     assert causallm_model.config.image_token_id == 151646
     ids = causallm_model.encode_messages([{"role": "user", "content": "你好"}]).input_ids
     user = [151644, *tokenizer.encode("user\n你好", add_special_tokens=False), 151645]

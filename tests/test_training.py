@@ -24,7 +24,7 @@ from projector_training.data import GlobalBatchSampler, load_records, malformed,
 from projector_training.memory import candidate_micro_batches, fit_micro_batch
 from projector_training.train import check_records, train
 from vlm.errors import ConfigError, VLMError
-from vlm.prompt import IGNORE_INDEX, EncodedChat, normalize_messages, render_text
+from vlm.processing.chat import IGNORE_INDEX, EncodedChat, normalize_messages, render_text
 
 
 @pytest.fixture(scope="session")
@@ -239,14 +239,14 @@ def test_auto_micro_batch_trains_the_same_projector(micro_world, reference_run, 
     torch.set_num_threads(1)  # as the reference subprocess (OMP_NUM_THREADS=1)
     request.addfinalizer(lambda: torch.set_num_threads(threads))
     seen = {}
-    original_forward = vlm.VisionLanguageModel.forward
+    original_forward = vlm.modeling.VisionLanguageModule.forward
 
     def forward(self, input_ids, *args, **kwargs):
         seen["batch"] = input_ids.shape[0]
         seen["checkpointing"] = self.lm.get_decoder().layers[0].training
         return original_forward(self, input_ids, *args, **kwargs)
 
-    monkeypatch.setattr(vlm.VisionLanguageModel, "forward", forward)
+    monkeypatch.setattr(vlm.modeling.VisionLanguageModule, "forward", forward)
     monkeypatch.setattr(train_module, "_can_probe", lambda accelerator, fsdp: True)
     monkeypatch.setattr(memory, "within_headroom", lambda device: seen["checkpointing"] and seen["batch"] <= 2)
     train(parse_args(_flags(micro_world, tmp_path / "auto", **{"save-every": 100})))
@@ -259,7 +259,7 @@ def test_auto_micro_batch_trains_the_same_projector(micro_world, reference_run, 
 
 def test_out_of_memory_mid_run_says_how_to_continue(micro_world, tmp_path, monkeypatch):
     calls = []
-    original_forward = vlm.VisionLanguageModel.forward
+    original_forward = vlm.modeling.VisionLanguageModule.forward
 
     def forward(self, *args, **kwargs):
         calls.append(1)
@@ -267,7 +267,7 @@ def test_out_of_memory_mid_run_says_how_to_continue(micro_world, tmp_path, monke
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return original_forward(self, *args, **kwargs)
 
-    monkeypatch.setattr(vlm.VisionLanguageModel, "forward", forward)
+    monkeypatch.setattr(vlm.modeling.VisionLanguageModule, "forward", forward)
     with pytest.raises(VLMError, match=r"out of device memory at step 2 .*step-00000002.*--micro-batch-size 2"):
         train(parse_args(_flags(micro_world, tmp_path / "oom")))
     assert (tmp_path / "oom" / "checkpoints" / "step-00000002" / "trainer_state.json").is_file()
@@ -361,13 +361,13 @@ def test_overlong_samples_truncate_outside_images_or_drop():
 def test_dataset_skips_unreadable_images(micro_world, tmp_path):
     from projector_training.data import ConversationDataset
     from projector_training.train import adapter_config
-    from vlm.model import build_model
+    from vlm.api import build_model
 
     (tmp_path / "bad.png").write_text("not an image")
     records = [_record(("human", "<image>\nQ"), ("gpt", "A"), image="bad.png")]
     cfg = TrainConfig(lm=str(micro_world.lm_dir), vision_tower=micro_world.vision_tower, vision_backend="open_clip")
     model = build_model(adapter_config(cfg), device="cpu")
-    assert ConversationDataset(records, tmp_path, model, 64)[0] is None
+    assert ConversationDataset(records, tmp_path, model.processor, 64)[0] is None
 
 
 def test_sampler_resume_and_sharding():
@@ -633,7 +633,7 @@ def test_sample_lengths_are_measured_in_english_and_chinese(text_model, rgb_imag
         ),
         {"id": "broken", "conversations": "not a list"},
     ]
-    dataset = ConversationDataset(records, rgb_images[0].parent, text_model, max_length=100_000)
+    dataset = ConversationDataset(records, rgb_images[0].parent, text_model.processor, max_length=100_000)
     for index in range(3):
         sample = dataset[index]
         assert dataset.length(index) == len(sample.input_ids), records[index]

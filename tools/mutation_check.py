@@ -51,7 +51,7 @@ MUTATIONS = (
     # ---- decode paths
     Mutation(
         "static-prefill-attends-padding",
-        "vlm/fast_decode.py",
+        "vlm/generation/static.py",
         "self.mask[:, :length].masked_fill_(valid, 0.0)",
         "self.mask[:, :length].fill_(0.0)",
         ("tests/test_model.py", "-k", "static_cache or overlapped or compiled or stream_equals"),
@@ -59,7 +59,7 @@ MUTATIONS = (
     ),
     Mutation(
         "static-step-cannot-see-its-own-token",
-        "vlm/fast_decode.py",
+        "vlm/generation/static.py",
         "self.mask.index_fill_(1, self.slot, 0.0)",
         "pass",
         ("tests/test_model.py", "-k", "static_cache or overlapped or compiled"),
@@ -67,7 +67,7 @@ MUTATIONS = (
     ),
     Mutation(
         "suppress-only-the-image-row",
-        "vlm/model.py",
+        "vlm/api.py",
         "self.suppress_ids = sorted({config.image_token_id, *range(len(tokenizer), rows)})",
         "self.suppress_ids = sorted({config.image_token_id})",
         ("tests/test_model.py", "-k", "spare_rows"),
@@ -75,15 +75,15 @@ MUTATIONS = (
     ),
     Mutation(
         "stop-ids-ignored-on-the-device",
-        "vlm/model.py",
-        "                done |= torch.isin(next_ids, stop_ids)\n",
-        "                pass\n",
+        "vlm/generation/loop.py",
+        "        self.done |= torch.isin(next_ids, self.on_device)\n",
+        "        pass\n",
         ("tests/test_model.py", "-k", "overlapped or stream_equals or static_cache"),
         "rows that wrote a stop id go on generating instead of padding",
     ),
     Mutation(
         "top-p-dropped",
-        "vlm/generation.py",
+        "vlm/generation/sampling.py",
         "                processors.append(TopPLogitsWarper(options.top_p))",
         "                pass",
         ("tests/test_generation.py", "-k", "shape_the_next"),
@@ -92,7 +92,7 @@ MUTATIONS = (
     # ---- prompt encoding
     Mutation(
         "typed-special-tokens-parsed",
-        "vlm/prompt.py",
+        "vlm/processing/chat.py",
         "    return plain.encode(text, add_special_tokens=False).ids",
         "    return tokenizer(text, add_special_tokens=False)['input_ids']",
         ("tests/test_prompt.py",),
@@ -100,7 +100,7 @@ MUTATIONS = (
     ),
     Mutation(
         "assistant-im-end-unlabelled",
-        "vlm/prompt.py",
+        "vlm/processing/chat.py",
         "        special(tokens.im_end, answer)",
         "        special(tokens.im_end, False)",
         ("tests/test_prompt.py",),
@@ -108,7 +108,7 @@ MUTATIONS = (
     ),
     Mutation(
         "one-image-slot-short",
-        "vlm/prompt.py",
+        "vlm/processing/chat.py",
         "                ids.extend([tokens.image] * num_image_tokens)\n"
         "                labels.extend([IGNORE_INDEX] * num_image_tokens)",
         "                ids.extend([tokens.image] * (num_image_tokens - 1))\n"
@@ -118,7 +118,7 @@ MUTATIONS = (
     ),
     Mutation(
         "blank-system-prompt-kept",
-        "vlm/prompt.py",
+        "vlm/processing/chat.py",
         "system_text = system_text if system_text.strip() else default_system",
         "system_text = system_text if system_text else default_system",
         ("tests/test_prompt.py",),
@@ -127,7 +127,7 @@ MUTATIONS = (
     # ---- the word filter
     Mutation(
         "chinese-is-a-word-character",
-        "vlm/generation.py",
+        "vlm/generation/words.py",
         'WORD_CHAR = f"(?:(?![{_SPACELESS}])\\\\w)"',
         'WORD_CHAR = "\\\\w"',
         ("tests/test_generation.py",),
@@ -135,7 +135,7 @@ MUTATIONS = (
     ),
     Mutation(
         "sampling-ban-does-nothing",
-        "vlm/generation.py",
+        "vlm/generation/sampling.py",
         BAN_DOCSTRING,
         BAN_DOCSTRING + "        return scores\n",
         ("tests/test_model.py", "-k", "blocked"),
@@ -143,7 +143,7 @@ MUTATIONS = (
     ),
     Mutation(
         "sampling-ban-does-nothing-toy",
-        "vlm/generation.py",
+        "vlm/generation/sampling.py",
         BAN_DOCSTRING,
         BAN_DOCSTRING + "        return scores\n",
         ("tests/test_toy_recipe.py", "-k", "writes_around"),
@@ -152,7 +152,7 @@ MUTATIONS = (
     ),
     Mutation(
         "text-filter-case-sensitive",
-        "vlm/generation.py",
+        "vlm/generation/words.py",
         '    return re.compile("|".join(forms), re.IGNORECASE)',
         '    return re.compile("|".join(forms))',
         ("tests/test_generation.py",),
@@ -194,7 +194,7 @@ MUTATIONS = (
     # ---- image features and the CLI
     Mutation(
         "cls-row-is-a-patch",
-        "vlm/vision.py",
+        "vlm/modeling/towers.py",
         "            return torch.cat([cls, patches], dim=1)  # (B, 1 + N, D)",
         "            return torch.cat([patches[:, :1], patches], dim=1)  # (B, 1 + N, D)",
         ("tests/test_model.py", "-k", "cls_patch"),
@@ -203,15 +203,15 @@ MUTATIONS = (
     Mutation(
         "chat-keeps-an-empty-partial-reply",
         "vlm/cli.py",
-        '        reply = "".join(pieces)',
-        '        reply = "".join(pieces) if pieces and len(pieces) > 1 else ""',
+        '    reply = "".join(pieces)',
+        '    reply = "".join(pieces) if pieces and len(pieces) > 1 else ""',
         ("tests/test_cli.py", "-k", "ctrl_c"),
         "issue 17 item 8: after Ctrl-C the chat keeps another reply than the one it showed",
     ),
     # ---- exports
     Mutation(
         "crop-offsets-rounded",
-        "vlm/vision.py",
+        "vlm/processing/image_processor.py",
         "left, top = (new_w - size) // 2, (new_h - size) // 2",
         "left, top = round((new_w - size) / 2.0), round((new_h - size) / 2.0)",
         ("tests/test_export.py", "tests/test_model.py", "-k", "aspect_mode or crop_mode"),

@@ -5,13 +5,16 @@ model = vlm.load("runs/toy")
 model.caption("cat.jpg")
 model.ask("cat.jpg", "What colour is the cat?")
 for piece in model.chat(messages, stream=True): ...
+
+Layers (each imports only those before it): processing -> modeling -> generation -> api -> cli / export.
+See docs/architecture.md.
 """
 
+from vlm.api import VisionLanguageModel, load
 from vlm.config import AdapterConfig
 from vlm.errors import ConfigError, ImageError, InsufficientMemoryError, PromptError, VLMError
-from vlm.generation import GenerationOptions
-from vlm.images import load_image
-from vlm.model import VisionLanguageModel, load
+from vlm.generation.options import GenerationOptions
+from vlm.processing.images import load_image
 
 __all__ = [
     "AdapterConfig",

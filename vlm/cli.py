@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vlm.adapter import check_output_dir
 from vlm.errors import VLMError
 
 __all__ = ["main"]
@@ -104,48 +105,66 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not line:
             continue
         if line == "/image" or line.startswith("/image "):
-            path = _typed_path(line.removeprefix("/image").strip())
-            if not path:
-                print("usage: /image PATH", file=sys.stderr)
-                continue
-            from vlm.images import load_image
-
-            try:
-                load_image(path)  # check now, not after the user has typed the question
-            except VLMError as e:
-                print(f"error: {e}", file=sys.stderr)
-                continue
-            pending.append(path)
-            print(f"(attached {path})", file=sys.stderr)
-            continue
-        if line == "/reset":
+            pending += _attached(line.removeprefix("/image").strip())
+        elif line == "/reset":
             messages, pending = messages[:1] if args.system else [], []
-            continue
-        content: list[Any] = [{"type": "image", "image": p} for p in pending] + [{"type": "text", "text": line}]
-        messages.append({"role": "user", "content": content})
-        pieces: list[str] = []
-        stream = None
-        try:
-            stream = model.chat(messages, stream=True, **kwargs)  # may refuse the turn at once (bad text)
-            for piece in stream:
-                pieces.append(piece)
-                if not args.json:
-                    print(piece, end="", flush=True)
-        except VLMError as e:
-            messages.pop()  # keep the conversation usable after a bad turn, and the images attached
-            print(f"error: {e}" + (f" ({len(pending)} image(s) still attached)" if pending else ""), file=sys.stderr)
-            continue
-        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
-            if stream is not None:
-                stream.close()
-            print("\n(stopped)" if interactive else "", file=sys.stderr)
-            if not pieces:
-                messages.pop()
-                continue
-        pending = []
-        reply = "".join(pieces)
-        print(json.dumps({"role": "assistant", "content": reply}) if args.json else "", flush=True)
-        messages.append({"role": "assistant", "content": reply})
+        elif _turn(model, messages, pending, line, kwargs, args.json, interactive):
+            pending = []
+
+
+def _attached(typed: str) -> list[str]:
+    """The image a `/image` line names, checked now (not after the user has typed the question), or none."""
+    from vlm.processing.images import load_image
+
+    path = _typed_path(typed)
+    if not path:
+        print("usage: /image PATH", file=sys.stderr)
+        return []
+    try:
+        load_image(path)
+    except VLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return []
+    print(f"(attached {path})", file=sys.stderr)
+    return [path]
+
+
+def _turn(
+    model: Any,
+    messages: list[dict[str, Any]],
+    pending: list[str],
+    line: str,
+    kwargs: dict[str, Any],
+    as_json: bool,
+    interactive: bool,
+) -> bool:
+    """One user turn with the pending images, answered as a stream -> whether it stays in the conversation (a bad
+    turn is dropped with its images still attached; Ctrl-C keeps the part of the answer shown)."""
+    content: list[Any] = [{"type": "image", "image": p} for p in pending] + [{"type": "text", "text": line}]
+    messages.append({"role": "user", "content": content})
+    pieces: list[str] = []
+    stream = None
+    try:
+        stream = model.chat(messages, stream=True, **kwargs)  # may refuse the turn at once (bad text)
+        for piece in stream:
+            pieces.append(piece)
+            if not as_json:
+                print(piece, end="", flush=True)
+    except VLMError as e:
+        messages.pop()  # keep the conversation usable after a bad turn, and the images attached
+        print(f"error: {e}" + (f" ({len(pending)} image(s) still attached)" if pending else ""), file=sys.stderr)
+        return False
+    except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
+        if stream is not None:
+            stream.close()
+        print("\n(stopped)" if interactive else "", file=sys.stderr)
+        if not pieces:
+            messages.pop()
+            return False
+    reply = "".join(pieces)
+    print(json.dumps({"role": "assistant", "content": reply}) if as_json else "", flush=True)
+    messages.append({"role": "assistant", "content": reply})
+    return True
 
 
 def _typed_path(text: str) -> str:
@@ -167,7 +186,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from vlm import export
 
     if args.to == "llava-hf":
-        export.check_output_dir(Path(args.out))  # before loading a model of many GB
+        check_output_dir(Path(args.out))  # before loading a model of many GB
         if args.dtype is None:  # the checkpoint's own precision: a bf16 LM is not written out as float32
             args.dtype = export.lm_checkpoint_dtype(args.model)
         out = export.export_llava_hf(_load(args), args.out)
@@ -195,6 +214,8 @@ def cmd_import_llava(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    # The one import of `demo` from `vlm` (allowed in the import contracts, pyproject.toml): the library never
+    # needs gradio, only this command does, so it is imported here and nowhere else.
     from demo.app import launch
 
     launch(model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype)

@@ -1,32 +1,29 @@
 """AdapterConfig: everything needed to rebuild a vision-language model from an adapter directory.
 
-An adapter directory holds `adapter_config.json` (this dataclass) and `projector.safetensors`.
-Base models are referenced by hub id or local path, never copied.
+An adapter directory (read and written by `vlm.adapter`) holds `adapter_config.json` (this dataclass) and
+`projector.safetensors`. Base models are referenced by hub id or local path, never copied. A config is not
+changed once made: what a loaded model measures (widths, the image token's row) lives in its own copy.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from vlm.errors import ConfigError
 
 __all__ = [
-    "CONFIG_NAME",
     "DEFAULT_SYSTEM_PROMPT",
     "FORMAT_VERSION",
     "PRESETS",
-    "PROJECTOR_NAME",
     "AdapterConfig",
+    "parse_projector_type",
 ]
 
-CONFIG_NAME = "adapter_config.json"
-PROJECTOR_NAME = "projector.safetensors"
 FORMAT_VERSION = 1
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -58,6 +55,19 @@ def check_field_types(instance: Any, prefix: str = "") -> None:
         if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
             kinds = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
             raise ConfigError(f"{prefix}{f.name} must be a {kinds}; got {value!r}")
+
+
+_MLP = re.compile(r"^mlp(\d+)x_gelu$")
+
+
+def parse_projector_type(projector_type: str) -> int:
+    """Number of linear layers for a projector type name; raises ConfigError on an unknown one."""
+    if projector_type == "linear":
+        return 1
+    match = _MLP.match(projector_type)
+    if match and int(match.group(1)) >= 1:
+        return int(match.group(1))
+    raise ConfigError(f"unknown projector type {projector_type!r}: use 'linear' or 'mlpNx_gelu' (e.g. 'mlp2x_gelu')")
 
 
 @dataclass
@@ -149,8 +159,6 @@ class AdapterConfig:
             )
         if self.max_length <= 0:
             raise ConfigError("adapter config: max_length must be positive")
-        from vlm.projector import parse_projector_type
-
         parse_projector_type(self.projector_type)
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,25 +174,6 @@ class AdapterConfig:
             return cls(**data)
         except TypeError as e:
             raise ConfigError(f"adapter config: {e}") from e
-
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / CONFIG_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
-
-    @classmethod
-    def load(cls, directory: str | Path) -> AdapterConfig:
-        path = Path(directory) / CONFIG_NAME
-        if not path.is_file():
-            raise ConfigError(f"no {CONFIG_NAME} in {directory}: is this an adapter directory?")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a JSON object")
-        return cls.from_dict(data)
 
 
 PRESETS: dict[str, AdapterConfig] = {

@@ -60,7 +60,7 @@ from projector_training.toy.world import (
     open_turn,
 )
 from vlm.config import DEFAULT_SYSTEM_PROMPT
-from vlm.prompt import IGNORE_INDEX, encode_text
+from vlm.processing.chat import IGNORE_INDEX, encode_text
 
 __all__ = ["ToyConfig", "ToyWorld", "ensure_toy_world"]
 
@@ -243,7 +243,7 @@ def _load_images(world: WorldFiles, records: Sequence[dict[str, Any]]) -> tuple[
 
 
 def _normalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (B, 3, S, S) -> float (B, 3, S, S), the way `vlm.vision.preprocess_image` does it."""
+    """uint8 (B, 3, S, S) -> float (B, 3, S, S), the way `vlm.processing.image_processor.preprocess_image` does it."""
     mean_t = torch.tensor(mean)[None, :, None, None]
     std_t = torch.tensor(std)[None, :, None, None]
     return (pixels.float() / 255.0 - mean_t) / std_t
@@ -409,7 +409,7 @@ def _render(example: _Example) -> str:
 
 
 class _Encoder:
-    """Example -> ids, tokenized in the same pieces as `vlm.prompt.encode_chat` (text between special
+    """Example -> ids, tokenized in the same pieces as `vlm.processing.chat.encode_chat` (text between special
     tokens separately; the image slots, here the context, on their own)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:

@@ -24,28 +24,35 @@ attention stay eager, so no compiled graph mutates the cache.
 Prefill runs the same pieces over the whole prompt (compiled with a dynamic length) and writes keys and
 values straight into the static cache, with no transformers cache in between. Rows are left-padded
 together, so every row writes the same cache slot at each step while keeping its own rotary position.
-
-`GraphedForward` does the same for the vision tower ahead of prefill: a CLIP ViT-L/14-336 pass is about a
-millisecond of GPU work but takes longer to launch from Python (~360 kernels), all on the way to the first
-token. Its input shape is fixed per image count, so each count seen gets one captured graph.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
+import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GraphedForward", "StaticDecoder", "fuse_projections", "supports_static_decode"]
+from vlm.modeling.cuda_graphs import capture_graph
 
-# Per layer: (q/k/v weight, q/k/v bias, gate/up weight, gate/up bias); a None weight means "run the modules".
-LayerWeights = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
-_FUSED = "_vlm_fused_projections"  # where a layer keeps its fused matrices
+__all__ = ["StaticEngine", "fuse_projections", "supports_static_decode"]
+
+
+class FusedWeights(NamedTuple):
+    """One decoder layer's fused projections; a None weight means "run the layer's own modules"."""
+
+    qkv: torch.Tensor | None
+    qkv_bias: torch.Tensor | None
+    gate_up: torch.Tensor | None
+    gate_up_bias: torch.Tensor | None
+
+
+_FUSED: weakref.WeakKeyDictionary[nn.Module, FusedWeights] = weakref.WeakKeyDictionary()
+"""Each fused layer's matrices, kept beside the layer (not a parameter, buffer or state-dict entry of it)."""
 
 
 def supports_static_decode(lm: nn.Module) -> bool:
@@ -102,17 +109,19 @@ def _groups(layer: nn.Module) -> tuple[list[Any], list[Any]]:
     return qkv, [getattr(mlp, n, None) for n in ("gate_proj", "up_proj")] if hasattr(mlp, "act_fn") else [None]
 
 
-def _still_fused(layer: nn.Module, weights: LayerWeights | None) -> bool:
+def _still_fused(layer: nn.Module, weights: FusedWeights | None) -> bool:
     """Whether the layer's projections are still the row blocks of `weights` (not moved or replaced since)."""
     if weights is None:
         return False
     return all(
         fused is None or (_aliased(group, fused, "weight") and _aliased(group, bias, "bias"))
-        for group, fused, bias in zip(_groups(layer), weights[::2], weights[1::2], strict=True)
+        for group, fused, bias in zip(
+            _groups(layer), (weights.qkv, weights.gate_up), (weights.qkv_bias, weights.gate_up_bias), strict=True
+        )
     )
 
 
-def fuse_projections(lm: nn.Module) -> list[LayerWeights]:
+def fuse_projections(lm: nn.Module) -> list[FusedWeights]:
     """Per decoder layer, the q/k/v projections as one matrix and gate/up as another, so a decode step reads
     each group with one GEMV. The modules' parameters are re-pointed at row blocks of the fused matrices:
     no memory is added and every other path (training, stock transformers) computes with the same weights.
@@ -120,11 +129,10 @@ def fuse_projections(lm: nn.Module) -> list[LayerWeights]:
     out, fused_any = [], False
     with torch.inference_mode(False), torch.no_grad():  # normal tensors: training may use these weights later
         for layer in lm.get_decoder().layers:
-            weights = layer.__dict__.get(_FUSED)
+            weights = _FUSED.get(layer)
             if not _still_fused(layer, weights):
                 qkv, gate_up = (_fuse(group) if all(group) else None for group in _groups(layer))
-                weights = (*(qkv or (None, None)), *(gate_up or (None, None)))
-                layer.__dict__[_FUSED] = weights  # a plain attribute: not a parameter, buffer or state-dict entry
+                weights = _FUSED[layer] = FusedWeights(*(qkv or (None, None)), *(gate_up or (None, None)))
                 fused_any = fused_any or any(w is not None for w in weights)
             out.append(weights)
     if fused_any and any(w is not None and w.is_cuda for w in out[0]):
@@ -140,7 +148,7 @@ def fuse_projections(lm: nn.Module) -> list[LayerWeights]:
 
 def _attention_inputs(
     layer: nn.Module,
-    w: LayerWeights,
+    w: FusedWeights,
     hidden: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
@@ -153,7 +161,7 @@ def _attention_inputs(
 
     attn, (batch, length) = layer.self_attn, hidden.shape[:2]
     x = layer.input_layernorm(hidden)
-    if w[0] is None:
+    if w.qkv is None:
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
         q = q.view(batch, length, heads, -1).transpose(1, 2)
         k = k.view(batch, length, kv_heads, -1).transpose(1, 2)
@@ -161,7 +169,7 @@ def _attention_inputs(
     else:
         # q and k are side by side in the fused output: rotate them as one tensor of Hq + Hk heads, with
         # transformers' rotary formula, elementwise the very same numbers in half the kernels
-        qkv = F.linear(x, w[0], w[1])
+        qkv = F.linear(x, w.qkv, w.qkv_bias)
         width = attn.q_proj.out_features + attn.k_proj.out_features
         qk = qkv[..., :width].view(batch, length, heads + kv_heads, -1).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -172,23 +180,23 @@ def _attention_inputs(
 
 
 def _attention_output_and_mlp(
-    layer: nn.Module, w: LayerWeights, hidden: torch.Tensor, attended: torch.Tensor
+    layer: nn.Module, w: FusedWeights, hidden: torch.Tensor, attended: torch.Tensor
 ) -> torch.Tensor:
     """Attention output (B, Hq, T, D) -> output projection, residual, norm, MLP, residual -> (B, T, H)."""
     batch, length = hidden.shape[:2]
     hidden = hidden + layer.self_attn.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
     x, mlp = layer.post_attention_layernorm(hidden), layer.mlp
-    if w[2] is None:
+    if w.gate_up is None:
         return hidden + mlp(x)
-    gate, up = F.linear(x, w[2], w[3]).chunk(2, dim=-1)
+    gate, up = F.linear(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
     return hidden + mlp.down_proj(mlp.act_fn(gate) * up)
 
 
 def _between_attentions(
     layer: nn.Module,
-    w: LayerWeights,
+    w: FusedWeights,
     following: nn.Module,
-    w_following: LayerWeights,
+    w_following: FusedWeights,
     hidden: torch.Tensor,
     attended: torch.Tensor,
     cos: torch.Tensor,
@@ -213,7 +221,7 @@ def _any_length(compiled: Callable[..., Any]) -> Callable[..., Any]:
     kernels, and it compiles faster than a graph with every size dynamic."""
 
     def call(
-        layer: nn.Module, w: LayerWeights, following: nn.Module, w_following: LayerWeights, hidden: torch.Tensor,
+        layer: nn.Module, w: FusedWeights, following: nn.Module, w_following: FusedWeights, hidden: torch.Tensor,
         attended: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         for tensor, dim in ((hidden, 1), (attended, 2), (cos, 1), (sin, 1)):
@@ -246,23 +254,9 @@ def _or_eager(compiled: Callable[..., Any], eager: Callable[..., Any]) -> Callab
     return call
 
 
-def _capture_graph(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
-    """Record `fn` as a CUDA graph after two warm-up calls on a side stream (kernels picked, allocator
-    settled outside the graph) -> (graph, what the recorded call returned: buffers each replay refills)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
-class StaticDecoder:
-    """One-token decode steps for `batch_size` rows over a cache of `max_len` slots."""
+class StaticEngine:
+    """The static-cache decode engine: prefill, then one-token steps for `batch_size` rows over a cache of `max_len`
+    slots, captured as a CUDA graph with `use_cuda_graph` (see `vlm.generation.engine.DecodeEngine`)."""
 
     def __init__(
         self, lm: nn.Module, batch_size: int, max_len: int, use_cuda_graph: bool, compile_layers: bool = False
@@ -298,6 +292,7 @@ class StaticDecoder:
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.use_cuda_graph = use_cuda_graph and device.type == "cuda"
+        self.length = 0  # slots [0, length) hold the sequence so far
         self._embeddings_at = weight.data_ptr()  # moving or recasting the LM gives every weight new storage
 
     @property
@@ -319,7 +314,7 @@ class StaticDecoder:
         or recast (`.to`, `.half`: new storage for every weight, the embeddings' tells) and the first and last
         layers' projections still fused. Weights loaded in place (`load_state_dict`) need no new decoder."""
         return self.lm.get_input_embeddings().weight.data_ptr() == self._embeddings_at and all(
-            self.layers[i].__dict__.get(_FUSED) is self.weights[i] and _still_fused(self.layers[i], self.weights[i])
+            _FUSED.get(self.layers[i]) is self.weights[i] and _still_fused(self.layers[i], self.weights[i])
             for i in (0, -1)
         )
 
@@ -371,6 +366,7 @@ class StaticDecoder:
             embeds = embeds.clone()
         cos, sin = self.decoder.rotary_emb(embeds, position_ids)
         hidden = self._layer_loop(embeds, cos, sin, self._prompt_between, attend)
+        self.length = length
         return self.lm.get_output_embeddings()(self.decoder.norm(hidden[:, -1:]))[:, -1]  # (B, V)
 
     @torch.inference_mode()
@@ -391,16 +387,25 @@ class StaticDecoder:
         hidden = self._layer_loop(hidden, cos, sin, self._between, attend)
         return self.lm.get_output_embeddings()(self.decoder.norm(hidden)[:, -1])  # (B, V)
 
+    def rollback(self, length: int) -> None:
+        """Forget every slot from `length` on: the next step writes slot `length`."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot roll back to {length}: the cache holds {self.length} slots")
+        self.mask[:, length:] = float("-inf")
+        self.length = length
+
     def _capture(self) -> None:
         """Record the step as a CUDA graph. The warm-up steps write only this step's own cache slot, with the
         values the replay then writes again, so there is nothing to restore (a copy of the cache would
         double its memory: 20 GB at 14B for 32 rows)."""
-        self.graph, self.logits = _capture_graph(self._step)
+        self.graph, self.logits = capture_graph(self._step)
 
-    def step(self, ids: torch.Tensor, positions: torch.Tensor, slot: int) -> torch.Tensor:
-        """Decode one token per row: ids (B,), positions (B,), the common cache slot -> logits (B, V)."""
+    def step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Decode one token per row into the next slot: ids (B,), rotary positions (B,) -> logits (B, V)."""
+        slot = self.length
         if slot >= self.max_len:
             raise ValueError(f"cache slot {slot} is past the static cache of {self.max_len}")
+        self.length += 1
         self.ids.copy_(ids.view(-1, 1))
         self.positions.copy_(positions.view(-1, 1))
         self.slot.fill_(slot)
@@ -415,52 +420,3 @@ class StaticDecoder:
                 return self._step()
         self.graph.replay()
         return self.logits
-
-
-class GraphedForward:
-    """Inference of a frozen module through CUDA graphs, one per input shape (the `max_shapes` most recently
-    used are kept; each holds its activations' memory). The output is the graph's own buffer: read it
-    before the next call."""
-
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], max_shapes: int = 4):
-        self.fn = fn
-        self.max_shapes = max_shapes
-        self.graphs: OrderedDict[tuple, tuple[torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
-        self.failed = False
-        self.weights_at = self._weights_at()
-
-    def _weights_at(self) -> int:
-        """Where the module's first weight lives: moving or recasting the module gives every weight new storage,
-        which graphs captured before would not read."""
-        first = next(self.fn.parameters(), None) if isinstance(self.fn, nn.Module) else None
-        return 0 if first is None else first.data_ptr()
-
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.failed:
-            return self.fn(x)
-        if (at := self._weights_at()) != self.weights_at:
-            self.graphs.clear()
-            self.weights_at = at
-        key = (tuple(x.shape), x.dtype, x.device)
-        entry = self.graphs.get(key)
-        if entry is None:
-            while len(self.graphs) >= self.max_shapes:
-                self.graphs.popitem(last=False)
-            try:
-                entry = self.graphs[key] = self._capture(x)
-            except RuntimeError as error:  # something in `fn` cannot be captured: run it as it is from now on
-                name = type(self.fn).__name__
-                warnings.warn(f"running {name} without a CUDA graph: capture failed ({error})", stacklevel=2)
-                self.failed = True
-                return self.fn(x)
-        self.graphs.move_to_end(key)
-        static_in, graph, static_out = entry
-        static_in.copy_(x)
-        graph.replay()
-        return static_out
-
-    def _capture(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor]:
-        static_in = x.clone()
-        graph, static_out = _capture_graph(lambda: self.fn(static_in))
-        return static_in, graph, static_out

@@ -141,6 +141,23 @@ def _read_source(source: object, max_bytes: int) -> tuple[bytes, str]:
 
 
 def _read_path(source: str | os.PathLike[Any], max_bytes: int) -> tuple[bytes, str]:
+    path = _path_text(source)
+    _check_file(path, max_bytes)
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(max_bytes + 1)  # the file may have grown since stat
+    except PermissionError as exc:
+        raise ImageError(f"permission denied reading image file: {path}") from exc
+    except (OSError, MemoryError) as exc:
+        raise ImageError(f"cannot read image file {path}: {exc}") from exc
+    if len(data) > max_bytes:
+        raise ImageError(f"image file is too large: {path} is over max_bytes={max_bytes}")
+    if not data:
+        raise ImageError(f"image file is empty (0 bytes): {path}")
+    return data, path
+
+
+def _path_text(source: str | os.PathLike[Any]) -> str:
     try:
         path = os.fspath(source)
     except TypeError as exc:
@@ -149,6 +166,11 @@ def _read_path(source: str | os.PathLike[Any], max_bytes: int) -> tuple[bytes, s
         path = os.fsdecode(path)
     if not path:
         raise ImageError("image path is empty")
+    return path
+
+
+def _check_file(path: str, max_bytes: int) -> None:
+    """A regular file, not empty and not over `max_bytes`, before it is read."""
     try:
         st = os.stat(path)
     except FileNotFoundError as exc:
@@ -165,18 +187,6 @@ def _read_path(source: str | os.PathLike[Any], max_bytes: int) -> tuple[bytes, s
         raise ImageError(f"image file is too large: {path} is {st.st_size} bytes > max_bytes={max_bytes}")
     if st.st_size == 0:
         raise ImageError(f"image file is empty (0 bytes): {path}")
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(max_bytes + 1)  # the file may have grown since stat
-    except PermissionError as exc:
-        raise ImageError(f"permission denied reading image file: {path}") from exc
-    except (OSError, MemoryError) as exc:
-        raise ImageError(f"cannot read image file {path}: {exc}") from exc
-    if len(data) > max_bytes:
-        raise ImageError(f"image file is too large: {path} is over max_bytes={max_bytes}")
-    if not data:
-        raise ImageError(f"image file is empty (0 bytes): {path}")
-    return data, path
 
 
 def _read_stream(stream: Any, max_bytes: int) -> bytes:
