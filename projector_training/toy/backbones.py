@@ -388,8 +388,9 @@ def _example(rng: random.Random, num_patches: int) -> _Example:
     """A conversation of 1-3 questions about one object, as the world's training records ask them: a caption
     request or an open question first, then open questions, each attribute at most once.
 
-    Not yes/no or multiple choice: a 4-layer LM learns them only after about 1,200 steps of nothing else (see the
-    README), past this world's time budget, so the held-out sets of those kinds measure an LM that never saw them.
+    Not yes/no or multiple choice: a 4-layer LM learns them only after about 1,200 steps of nothing else (see
+    docs/miniature-world.md), past this world's time budget, so the held-out sets of those kinds measure an LM that
+    never saw them.
     """
     obj = rng.choice(OBJECTS)
     context = _context(obj, rng, num_patches)
