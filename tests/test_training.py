@@ -440,7 +440,7 @@ def _checkpoint(run: Path, step: int) -> Path:
 
 def test_a_new_run_never_mixes_with_an_old_runs_checkpoints(tmp_path):
 
-    from projector_training.train import TrainState, latest_checkpoint, save_checkpoint
+    from projector_training.checkpoint import TrainState, latest_checkpoint, save_checkpoint
 
     old = tmp_path / "old"
     for step in (6, 8):
