@@ -145,14 +145,15 @@ def check_same_run(checkpoint: Path, saved: dict[str, Any], current: dict[str, A
 
 def apply_optimizer_settings(cfg: TrainConfig, optimizer: Any, scheduler: Any, log: Any) -> None:
     """This run's optimiser settings over the ones a checkpoint brought back: resuming with a lower --lr (what the
-    non-finite guard advises) must lower it. With unchanged settings every value is the one restored."""
+    non-finite guard advises) must lower it. With unchanged settings every value is the one restored. The loop
+    reads the rate through `scheduler.get_last_lr()` only after a `scheduler.step()`, which sets it from these
+    groups."""
     restored = scheduler.base_lrs[0]
     scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
     for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
         betas = (cfg.adam_beta1, cfg.adam_beta2)
         group.update(initial_lr=cfg.lr, weight_decay=cfg.weight_decay, betas=betas, eps=cfg.adam_eps)
         group["lr"] = cfg.lr * factor(scheduler.last_epoch)  # as LambdaLR computes it
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     if restored != cfg.lr:
         log(f"the checkpoint trained at lr {restored:g}; this run goes on at {cfg.lr:g}")
 
