@@ -13,12 +13,14 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from projector_training.config import TrainConfig
 from projector_training.data import DataError
@@ -31,9 +33,11 @@ __all__ = [
     "STATE",
     "TrainState",
     "apply_optimizer_settings",
+    "check_fresh_start",
     "check_same_run",
     "latest_checkpoint",
     "load_checkpoint",
+    "resume",
     "resume_path",
     "run_identity",
     "save_adapter",
@@ -64,8 +68,8 @@ def _rng_state() -> dict[str, Any]:
 def save_checkpoint(
     run_dir: Path, model: VisionLanguageModel, optimizer: Any, scheduler: Any, state: TrainState, keep: int
 ) -> Path:
-    from safetensors.torch import save_file
-
+    """A checkpoint of `state.step`, written under a temporary name and renamed into place; then the older ones
+    beyond `keep` (and any past this step) are removed. Returns its directory."""
     root = run_dir / CHECKPOINTS
     final = root / f"step-{state.step:08d}"
     tmp = root / f".tmp-step-{state.step:08d}"
@@ -94,8 +98,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: VisionLanguageModel, optimizer: Any, scheduler: Any) -> TrainState:
-    from safetensors.torch import load_file
-
+    """Restore the projector, optimiser, schedule and RNG states of a checkpoint; returns its TrainState."""
     device = next(model.projector.parameters()).device  # under FSDP the LM is still on the CPU here
     model.load_projector_state(load_file(str(path / PROJECTOR_NAME), device=str(device)))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
@@ -178,3 +181,36 @@ def resume_path(cfg: TrainConfig, run_dir: Path) -> Path | None:
     if not (path / STATE).is_file():
         raise DataError(f"--resume {path}: not a complete checkpoint directory (no {STATE})")
     return path
+
+
+def check_fresh_start(cfg: TrainConfig, run_dir: Path) -> None:
+    """`--resume no` into a directory that holds checkpoints would mix two runs' checkpoints: refused before
+    anything is loaded or written."""
+    if cfg.resume == "no" and latest_checkpoint(run_dir) is not None:
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints of another run, which --resume no would mix with this one's; "
+            f"use a new --output-dir, or remove {run_dir / CHECKPOINTS}"
+        )
+
+
+def resume(
+    cfg: TrainConfig,
+    run_dir: Path,
+    model: VisionLanguageModel,
+    optimizer: Any,
+    scheduler: Any,
+    identity: dict[str, Any],
+    log: Callable[[str], Any],
+) -> TrainState:
+    """The state to go on from: the checkpoint `--resume` names once it is checked to be of this run (`identity`),
+    with its projector, optimiser, schedule and RNGs restored and this run's optimiser settings over them; else a
+    new state."""
+    state = TrainState()
+    resume_from = resume_path(cfg, run_dir)
+    if resume_from is not None:
+        check_same_run(resume_from, json.loads((resume_from / STATE).read_text()).get("run", {}), identity)
+        state = load_checkpoint(resume_from, model, optimizer, scheduler)  # (RNGs and optimiser: only once checked)
+        apply_optimizer_settings(cfg, optimizer, scheduler, log)
+        log(f"resumed from {resume_from} at step {state.step}")
+    state.run = identity
+    return state

@@ -118,9 +118,9 @@ def toy_world_dir(cfg: TrainConfig) -> Path:
 def run_toy(cfg: TrainConfig) -> dict[str, Any]:
     """Build the miniature world if needed (seeded by `cfg.seed`, like the alignment), align, evaluate every
     held-out set before and after; writes eval.json."""
+    from projector_training.run import adapter_config, init_projector, train
     from projector_training.toy import ToyConfig, ensure_toy_world
     from projector_training.toy.evaluate import evaluate, headline, provenance
-    from projector_training.train import adapter_config, init_projector, train
     from vlm.model import build_model, load
 
     started = time.time()
