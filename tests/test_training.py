@@ -19,10 +19,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import vlm
-from projector_training.config import TrainConfig, parse_args
+from projector_training.config import TrainConfig
 from projector_training.data import GlobalBatchSampler, load_records, malformed, record_to_messages, truncate
 from projector_training.memory import candidate_micro_batches, fit_micro_batch
 from projector_training.run import check_records, train
+from projector_training.train import parse_args
 from vlm.errors import ConfigError, VLMError
 from vlm.prompt import IGNORE_INDEX, EncodedChat, normalize_messages, render_text
 
