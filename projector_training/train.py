@@ -30,6 +30,7 @@ import yaml
 from projector_training.config import TrainConfig
 from projector_training.recipes import RECIPES
 from projector_training.run import train
+from projector_training.toy.recipe import run_toy
 from vlm.errors import ConfigError, VLMError
 
 __all__ = ["build_parser", "main", "parse_args"]
@@ -128,8 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         if cfg.recipe == "toy":
-            from projector_training.recipes import run_toy
-
             run_toy(cfg)
         else:
             train(cfg)
