@@ -1,24 +1,55 @@
-"""TrainConfig: every setting of an alignment run, checked when it is made.
+"""TrainConfig: every setting of an alignment run, checked when it is made, and the AdapterConfig it trains.
 
 `vlm-train` (train.py) generates its flags from the fields and their docstrings, and resolves a run's config
 from a recipe (recipes.py), then a YAML file (`--config run.yaml`), then `--field value` flags. The resolved
 config is written to `train_config.yaml` in the run directory.
+
+The settings a run shares with its adapter are AdapterConfig's fields, named in one place (`ADAPTER_FIELDS`):
+`adapter_config` passes them on, and their allowed values and defaults are AdapterConfig's. They stay flat
+fields here, so that flags, YAML keys and saved configs read `lm: ...` as before, and a run may start with
+no `lm` (the toy recipe fills it in) where an AdapterConfig may not.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from vlm.config import DEFAULT_SYSTEM_PROMPT, check_field_types
+from vlm.config import AdapterConfig, check_field_types
 from vlm.errors import ConfigError
 
-__all__ = ["TrainConfig"]
+__all__ = ["ADAPTER_FIELDS", "TrainConfig", "adapter_config"]
+
+ADAPTER_FIELDS = (
+    "lm",
+    "vision_tower",
+    "vision_backend",
+    "vision_pretrained",
+    "select_layer",
+    "select_feature",
+    "image_aspect",
+    "projector_type",
+    "system_prompt",
+)
+"""The TrainConfig fields that are AdapterConfig's, under the same names: the trained adapter's settings."""
+
+_ADAPTER_CHOICES = {
+    name: typing.get_args(hint)
+    for name, hint in typing.get_type_hints(AdapterConfig).items()
+    if name in ADAPTER_FIELDS and typing.get_origin(hint) is Literal
+}
+"""The allowed values of the shared fields that AdapterConfig types as a Literal (vision_backend, ...)."""
+
+
+def _adapter_default(name: str) -> Any:
+    """AdapterConfig's default for one of ADAPTER_FIELDS: a run trains the adapter `vlm` would build."""
+    return next(f.default for f in dataclasses.fields(AdapterConfig) if f.name == name)
 
 
 @dataclass
@@ -28,27 +59,27 @@ class TrainConfig:
     recipe: str = ""
     """The preset these values started from (see `projector_training.recipes.RECIPES`)."""
 
-    # Backbones and projector
+    # Backbones and projector: ADAPTER_FIELDS (the LM and the tower have no default there)
     lm: str = ""
     """Frozen causal LM: hub id (`CausalLM/14B`) or local path."""
     vision_tower: str = "openai/clip-vit-large-patch14-336"
     """Frozen CLIP: HF hub id / path, or an open_clip name, `hf-hub:` or `local-dir:` id."""
-    vision_backend: str = "hf"
+    vision_backend: str = _adapter_default("vision_backend")
     """`hf` (transformers CLIPVisionModel) or `open_clip`."""
-    vision_pretrained: str | None = None
+    vision_pretrained: str | None = _adapter_default("vision_pretrained")
     """open_clip pretrained tag or checkpoint file, for plain open_clip model names."""
-    select_layer: int = -2
+    select_layer: int = _adapter_default("select_layer")
     """Tower hidden state fed to the projector (HF indexing; -2 is LLaVA-1.5's)."""
-    select_feature: str = "patch"
+    select_feature: str = _adapter_default("select_feature")
     """`patch` (drop CLS) or `cls_patch`."""
-    image_aspect: str = "pad"
+    image_aspect: str = _adapter_default("image_aspect")
     """`pad` (LLaVA-1.5), `resize` or `crop`."""
-    projector_type: str = "mlp2x_gelu"
+    projector_type: str = _adapter_default("projector_type")
     """`linear` or `mlpNx_gelu`."""
     init_projector: str | None = None
     """Start from these projector weights: an adapter directory or a LLaVA mm_projector file (stage 2); `none`
     starts from a fresh projector where the recipe names one."""
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    system_prompt: str = _adapter_default("system_prompt")
     """System prompt of every training conversation that has none (never empty)."""
     caption_prompt: str | None = None
     """Default instruction of `model.caption()` for the trained adapter."""
@@ -121,10 +152,16 @@ class TrainConfig:
         check_field_types(self)
         if self.init_projector is not None and self.init_projector.lower() == "none":  # a flag cannot say null
             self.init_projector = None
+        self._check_choices()
+        self._check_numbers()
+        if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
+            raise ConfigError(f"report_to={self.report_to} needs the {self.report_to} package: install it or pass none")
+        if not self.system_prompt.strip():
+            raise ConfigError("system_prompt must not be empty: the CausalLM models require one")
+
+    def _check_choices(self) -> None:
         choices = {
-            "vision_backend": ("hf", "open_clip"),
-            "select_feature": ("patch", "cls_patch"),
-            "image_aspect": ("pad", "resize", "crop"),
+            **_ADAPTER_CHOICES,
             "lr_schedule": ("cosine", "constant"),
             "mixed_precision": ("auto", "bf16", "no"),
             "device": ("auto", "cpu"),
@@ -134,6 +171,8 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+
+    def _check_numbers(self) -> None:
         positive = ("global_batch_size", "micro_batch_size", "epochs", "max_length", "save_every", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) < 1:
@@ -146,10 +185,6 @@ class TrainConfig:
             raise ConfigError("num_workers, weight_decay and max_nonfinite_steps must not be negative")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be at least 1 (or unset); got {self.max_steps}")
-        if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
-            raise ConfigError(f"report_to={self.report_to} needs the {self.report_to} package: install it or pass none")
-        if not self.system_prompt.strip():
-            raise ConfigError("system_prompt must not be empty: the CausalLM models require one")
 
     def resolved_mixed_precision(self) -> str:
         if self.mixed_precision != "auto":
@@ -170,3 +205,13 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown training settings {unknown}")
         return dataclasses.replace(self, **changes)
+
+
+def adapter_config(cfg: TrainConfig) -> AdapterConfig:
+    """The adapter a run trains: its ADAPTER_FIELDS, room for prompts at least 4096 tokens long, and the recipe and
+    caption prompt as provenance."""
+    return AdapterConfig(
+        **{name: getattr(cfg, name) for name in ADAPTER_FIELDS},
+        max_length=max(cfg.max_length, 4096),
+        extra={"recipe": cfg.recipe, **({"caption_prompt": cfg.caption_prompt} if cfg.caption_prompt else {})},
+    )

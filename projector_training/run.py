@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from projector_training.checkpoint import check_fresh_start, resume, run_identity, save_adapter
-from projector_training.config import TrainConfig
+from projector_training.config import TrainConfig, adapter_config
 from projector_training.data import (
     Collator,
     ConversationDataset,
@@ -32,12 +32,12 @@ from projector_training.data import (
 )
 from projector_training.loop import Run, fit, micro_batch_loss
 from projector_training.memory import candidate_micro_batches, fit_micro_batch, try_training_pass
-from vlm.config import PROJECTOR_NAME, AdapterConfig
+from vlm.config import PROJECTOR_NAME
 from vlm.errors import ConfigError
 from vlm.model import VisionLanguageModel, build_model
 from vlm.projector import load_llava_projector
 
-__all__ = ["adapter_config", "check_records", "freeze", "init_projector", "train"]
+__all__ = ["check_records", "freeze", "init_projector", "train"]
 
 logger = logging.getLogger("projector_training")
 
@@ -174,22 +174,6 @@ def freeze(model: VisionLanguageModel, log: Log = logger.info) -> list[torch.nn.
         state = "trainable" if any(p.requires_grad for p in part.parameters()) else "frozen"
         log(f"{name:>14}: {state:9} {count / 1e6:10.2f}M parameters")
     return list(model.projector.parameters())
-
-
-def adapter_config(cfg: TrainConfig) -> AdapterConfig:
-    return AdapterConfig(
-        lm=cfg.lm,
-        vision_tower=cfg.vision_tower,
-        vision_backend=cfg.vision_backend,
-        vision_pretrained=cfg.vision_pretrained,
-        select_layer=cfg.select_layer,
-        select_feature=cfg.select_feature,
-        image_aspect=cfg.image_aspect,
-        projector_type=cfg.projector_type,
-        system_prompt=cfg.system_prompt,
-        max_length=max(cfg.max_length, 4096),
-        extra={"recipe": cfg.recipe, **({"caption_prompt": cfg.caption_prompt} if cfg.caption_prompt else {})},
-    )
 
 
 def init_projector(model: VisionLanguageModel, cfg: TrainConfig) -> None:

@@ -360,8 +360,8 @@ def test_overlong_samples_truncate_outside_images_or_drop():
 
 
 def test_dataset_skips_unreadable_images(micro_world, tmp_path):
+    from projector_training.config import adapter_config
     from projector_training.data import ConversationDataset
-    from projector_training.run import adapter_config
     from vlm.model import build_model
 
     (tmp_path / "bad.png").write_text("not an image")

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from projector_training.config import TrainConfig
+from projector_training.config import TrainConfig, adapter_config
 from projector_training.recipes import RECIPES, toy_world_dir
-from projector_training.run import adapter_config, init_projector, train
+from projector_training.run import init_projector, train
 from projector_training.toy.evaluate import evaluate, headline, provenance
 from vlm.model import build_model, load
 
