@@ -80,7 +80,7 @@ def fit(run: Run) -> None:
     with StopRequest() as stop:
         while run.state.step < run.total_steps:
             step(run, [next(batches) for _ in range(run.accumulation)], progress)
-            checkpoint(run, stop)
+            checkpoint_or_stop(run, stop)
     progress.close()
 
 
@@ -168,7 +168,7 @@ def guard_unusable(cfg: TrainConfig, state: TrainState) -> None:
         )
 
 
-def checkpoint(run: Run, stop: StopRequest) -> None:
+def checkpoint_or_stop(run: Run, stop: StopRequest) -> None:
     """A checkpoint every save_every steps, at the last step, and when a signal asked any process to stop; then,
     if one did, stop with a message that says how to go on."""
     state, cfg = run.state, run.cfg

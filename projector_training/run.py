@@ -58,7 +58,7 @@ def train(cfg: TrainConfig) -> Path:
     # The records before the model: a typo in --data should not cost loading a 14B model.
     image_root = Path(cfg.image_root)
     records = check_records(load_records(cfg.data), image_root, cfg.max_bad_fraction, log)
-    model, params = build(cfg, accelerator, fsdp, log)
+    model, params = prepare_model(cfg, accelerator, fsdp, log)
     dataset = ConversationDataset(records, image_root, model, cfg.max_length)
     lengths = [dataset.length(i) for i in range(len(dataset))]
     micro_batch, checkpointing = choose_micro_batch(cfg, model, dataset, lengths, accelerator, fsdp, log)
@@ -70,13 +70,7 @@ def train(cfg: TrainConfig) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "train_config.yaml")
     wrapped, optimizer, core = distribute(accelerator, model, optimizer, params, fsdp, log)
-    sampler = GlobalBatchSampler(
-        lengths, cfg.global_batch_size, accelerator.num_processes, accelerator.process_index, accum, cfg.seed,
-        group_by_length=cfg.group_by_length, start_step=state.step, epochs=cfg.epochs,
-    )  # fmt: skip
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=Collator(core.pad_id), num_workers=cfg.num_workers
-    )
+    loader = batches(cfg, dataset, lengths, accelerator, accum, state.step, core.pad_id)
     if cfg.report_to != "none":
         accelerator.init_trackers("train", config=cfg.to_dict())
 
@@ -144,7 +138,7 @@ def check_records(
 # The model
 
 
-def build(
+def prepare_model(
     cfg: TrainConfig, accelerator: Any, fsdp: bool, log: Log
 ) -> tuple[VisionLanguageModel, list[torch.nn.Parameter]]:
     """The model and its trainable parameters: frozen tower and LM in the compute dtype, fp32 projector (the
@@ -247,7 +241,7 @@ def _search_micro_batch(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Optimiser, schedule and accelerate's wrappers
+# Optimiser, schedule, accelerate's wrappers and the batches
 
 
 def optimise(cfg: TrainConfig, params: list[torch.nn.Parameter], records: int) -> tuple[int, Any, Any]:
@@ -299,6 +293,20 @@ def _count_fsdp_units(model: torch.nn.Module) -> int:
     """FSDP1 wrappers or FSDP2 fully_shard modules (whose classes are renamed FSDP<name>)."""
     names = (type(m).__name__ for m in model.modules())
     return sum(name == "FullyShardedDataParallel" or name.startswith("FSDP") for name in names)
+
+
+def batches(
+    cfg: TrainConfig, dataset: Any, lengths: list[int], accelerator: Any, accum: int, start_step: int, pad_id: int
+) -> torch.utils.data.DataLoader:
+    """This process's micro-batches from `start_step` on: `accum` of them per global batch, global batches of
+    samples of similar length (`group_by_length`), in an order fixed by the seed and shared by every process."""
+    sampler = GlobalBatchSampler(
+        lengths, cfg.global_batch_size, accelerator.num_processes, accelerator.process_index, accum, cfg.seed,
+        group_by_length=cfg.group_by_length, start_step=start_step, epochs=cfg.epochs,
+    )  # fmt: skip
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=Collator(pad_id), num_workers=cfg.num_workers
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
