@@ -327,7 +327,7 @@ def launch(
 
     _check_address(host, port)  # before loading a model of many GB (or training the toy one)
     if model is None:
-        from projector_training.recipes import ensure_toy_adapter
+        from projector_training.toy.recipe import ensure_toy_adapter
 
         model = ensure_toy_adapter()
     print(f"demo: loading {model} ...", flush=True)

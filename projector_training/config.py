@@ -1,26 +1,55 @@
-"""TrainConfig: every setting of an alignment run, with a command line generated from its fields.
+"""TrainConfig: every setting of an alignment run, checked when it is made, and the AdapterConfig it trains.
 
-Resolution order: the recipe's values, then a YAML file (`--config run.yaml`), then `--field value`
-flags. The resolved config is written to `train_config.yaml` in the run directory.
+`vlm-train` (train.py) generates its flags from the fields and their docstrings, and resolves a run's config
+from a recipe (recipes.py), then a YAML file (`--config run.yaml`), then `--field value` flags. The resolved
+config is written to `train_config.yaml` in the run directory.
+
+The settings a run shares with its adapter are AdapterConfig's fields, named in one place (`ADAPTER_FIELDS`):
+`adapter_config` passes them on, and their allowed values and defaults are AdapterConfig's. They stay flat
+fields here, so that flags, YAML keys and saved configs read `lm: ...` as before, and a run may start with
+no `lm` (the toy recipe fills it in) where an AdapterConfig may not.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from vlm.config import DEFAULT_SYSTEM_PROMPT, check_field_types
+from vlm.config import AdapterConfig, check_field_types
 from vlm.errors import ConfigError
 
-__all__ = ["TrainConfig", "parse_args"]
+__all__ = ["ADAPTER_FIELDS", "TrainConfig", "adapter_config"]
+
+ADAPTER_FIELDS = (
+    "lm",
+    "vision_tower",
+    "vision_backend",
+    "vision_pretrained",
+    "select_layer",
+    "select_feature",
+    "image_aspect",
+    "projector_type",
+    "system_prompt",
+)
+"""The TrainConfig fields that are AdapterConfig's, under the same names: the trained adapter's settings."""
+
+_ADAPTER_CHOICES = {
+    name: typing.get_args(hint)
+    for name, hint in typing.get_type_hints(AdapterConfig).items()
+    if name in ADAPTER_FIELDS and typing.get_origin(hint) is Literal
+}
+"""The allowed values of the shared fields that AdapterConfig types as a Literal (vision_backend, ...)."""
+
+
+def _adapter_default(name: str) -> Any:
+    """AdapterConfig's default for one of ADAPTER_FIELDS: a run trains the adapter `vlm` would build."""
+    return next(f.default for f in dataclasses.fields(AdapterConfig) if f.name == name)
 
 
 @dataclass
@@ -30,27 +59,27 @@ class TrainConfig:
     recipe: str = ""
     """The preset these values started from (see `projector_training.recipes.RECIPES`)."""
 
-    # Backbones and projector
+    # Backbones and projector: ADAPTER_FIELDS (the LM and the tower have no default there)
     lm: str = ""
     """Frozen causal LM: hub id (`CausalLM/14B`) or local path."""
     vision_tower: str = "openai/clip-vit-large-patch14-336"
     """Frozen CLIP: HF hub id / path, or an open_clip name, `hf-hub:` or `local-dir:` id."""
-    vision_backend: str = "hf"
+    vision_backend: str = _adapter_default("vision_backend")
     """`hf` (transformers CLIPVisionModel) or `open_clip`."""
-    vision_pretrained: str | None = None
+    vision_pretrained: str | None = _adapter_default("vision_pretrained")
     """open_clip pretrained tag or checkpoint file, for plain open_clip model names."""
-    select_layer: int = -2
+    select_layer: int = _adapter_default("select_layer")
     """Tower hidden state fed to the projector (HF indexing; -2 is LLaVA-1.5's)."""
-    select_feature: str = "patch"
+    select_feature: str = _adapter_default("select_feature")
     """`patch` (drop CLS) or `cls_patch`."""
-    image_aspect: str = "pad"
+    image_aspect: str = _adapter_default("image_aspect")
     """`pad` (LLaVA-1.5), `resize` or `crop`."""
-    projector_type: str = "mlp2x_gelu"
+    projector_type: str = _adapter_default("projector_type")
     """`linear` or `mlpNx_gelu`."""
     init_projector: str | None = None
     """Start from these projector weights: an adapter directory or a LLaVA mm_projector file (stage 2); `none`
     starts from a fresh projector where the recipe names one."""
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    system_prompt: str = _adapter_default("system_prompt")
     """System prompt of every training conversation that has none (never empty)."""
     caption_prompt: str | None = None
     """Default instruction of `model.caption()` for the trained adapter."""
@@ -123,10 +152,16 @@ class TrainConfig:
         check_field_types(self)
         if self.init_projector is not None and self.init_projector.lower() == "none":  # a flag cannot say null
             self.init_projector = None
+        self._check_choices()
+        self._check_numbers()
+        if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
+            raise ConfigError(f"report_to={self.report_to} needs the {self.report_to} package: install it or pass none")
+        if not self.system_prompt.strip():
+            raise ConfigError("system_prompt must not be empty: the CausalLM models require one")
+
+    def _check_choices(self) -> None:
         choices = {
-            "vision_backend": ("hf", "open_clip"),
-            "select_feature": ("patch", "cls_patch"),
-            "image_aspect": ("pad", "resize", "crop"),
+            **_ADAPTER_CHOICES,
             "lr_schedule": ("cosine", "constant"),
             "mixed_precision": ("auto", "bf16", "no"),
             "device": ("auto", "cpu"),
@@ -136,6 +171,8 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+
+    def _check_numbers(self) -> None:
         positive = ("global_batch_size", "micro_batch_size", "epochs", "max_length", "save_every", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) < 1:
@@ -148,10 +185,6 @@ class TrainConfig:
             raise ConfigError("num_workers, weight_decay and max_nonfinite_steps must not be negative")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be at least 1 (or unset); got {self.max_steps}")
-        if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
-            raise ConfigError(f"report_to={self.report_to} needs the {self.report_to} package: install it or pass none")
-        if not self.system_prompt.strip():
-            raise ConfigError("system_prompt must not be empty: the CausalLM models require one")
 
     def resolved_mixed_precision(self) -> str:
         if self.mixed_precision != "auto":
@@ -174,93 +207,11 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _field_type(field: dataclasses.Field) -> type:
-    hint = typing.get_type_hints(TrainConfig)[field.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return args[0]
-    return hint
-
-
-def _from_yaml(name: str, value: Any) -> Any:
-    """A YAML value as the field's type, as the same text given as a flag would be: YAML reads `2e-5` as a string
-    and `no` as false, which `lr` and `resume` (`auto`, `no` or a path) do not mean."""
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    if name not in fields or value is None:
-        return value
-    kind = _field_type(fields[name])
-    try:
-        if kind is str and isinstance(value, bool):
-            return "yes" if value else "no"
-        if kind is bool and isinstance(value, str):
-            return _parse_bool(value)
-        if kind in (int, float) and isinstance(value, str):
-            return kind(value)
-    except (ValueError, argparse.ArgumentTypeError) as e:
-        raise ConfigError(f"{name}: {value!r} is not a {kind.__name__}") from e
-    return value
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _field_docs() -> dict[str, str]:
-    """Each field's docstring (the string literal under it in the class body), for `--help`."""
-    import ast
-    import inspect
-    import itertools
-    import textwrap
-
-    body = ast.parse(textwrap.dedent(inspect.getsource(TrainConfig))).body[0].body
-    docs = {}
-    for field, doc in itertools.pairwise(body):
-        text = getattr(doc, "value", None)
-        if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(text, ast.Constant):
-            docs[field.target.id] = " ".join(str(text.value).split())
-    return docs
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from projector_training.recipes import RECIPES
-
-    parser = argparse.ArgumentParser(
-        prog="vlm-train",
-        description="Align a vision projector to a frozen LM. Start from a recipe; override any field.",
+def adapter_config(cfg: TrainConfig) -> AdapterConfig:
+    """The adapter a run trains: its ADAPTER_FIELDS, room for prompts at least 4096 tokens long, and the recipe and
+    caption prompt as provenance."""
+    return AdapterConfig(
+        **{name: getattr(cfg, name) for name in ADAPTER_FIELDS},
+        max_length=max(cfg.max_length, 4096),
+        extra={"recipe": cfg.recipe, **({"caption_prompt": cfg.caption_prompt} if cfg.caption_prompt else {})},
     )
-    parser.add_argument("--recipe", choices=sorted(RECIPES), required=True)
-    parser.add_argument("--config", type=Path, default=None, help="YAML file of field overrides")
-    docs = _field_docs()
-    for field in dataclasses.fields(TrainConfig):
-        if field.name == "recipe":
-            continue
-        kind = _field_type(field)
-        parser.add_argument(
-            "--" + field.name.replace("_", "-"),
-            dest=field.name,
-            type=_parse_bool if kind is bool else kind,
-            default=None,
-            metavar=kind.__name__.upper(),
-            help=docs.get(field.name, "").replace("%", "%%") or None,
-        )
-    return parser
-
-
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    from projector_training.recipes import RECIPES
-
-    args = parser_args = build_parser().parse_args(argv)
-    cfg = RECIPES[args.recipe]
-    if args.config is not None:
-        if not args.config.is_file():
-            raise ConfigError(f"config file not found: {args.config}")
-        overrides = yaml.safe_load(args.config.read_text()) or {}
-        if not isinstance(overrides, dict):
-            raise ConfigError(f"{args.config} must hold a mapping of field: value")
-        cfg = cfg.replace(**{name: _from_yaml(name, value) for name, value in overrides.items()})
-    flags = {k: v for k, v in vars(parser_args).items() if k not in ("recipe", "config") and v is not None}
-    return cfg.replace(**flags)

@@ -1,4 +1,4 @@
-"""Named, fully specified training presets, and the offline `toy` run that shows alignment working.
+"""Named, fully specified training presets: a table of TrainConfigs, and where the `toy` recipe's world is cached.
 
 Stage 1 (LLaVA-1.5 pretraining): projector only on LLaVA-Pretrain (558k caption records), lr 1e-3,
 cosine, 3% warmup, no weight decay, global batch 256, one epoch, bf16, clip 1.0.
@@ -8,19 +8,12 @@ starting from the stage-1 projector.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import logging
 import os
-import time
 from pathlib import Path
-from typing import Any
 
 from projector_training.config import TrainConfig
 
-__all__ = ["RECIPES", "ensure_toy_adapter", "run_toy", "toy_cache_dir", "toy_world_dir"]
-
-logger = logging.getLogger("projector_training")
+__all__ = ["RECIPES", "toy_cache_dir", "toy_world_dir"]
 
 CLIP_L336 = "openai/clip-vit-large-patch14-336"
 
@@ -89,7 +82,7 @@ RECIPES: dict[str, TrainConfig] = {
     ),
 }
 """Recipe name -> its config. `lm`, `vision_tower`, `data` and `image_root` of `toy` are filled in by
-`run_toy` from the miniature world it builds."""
+`projector_training.toy.recipe.run_toy` from the miniature world it builds."""
 
 
 def toy_cache_dir() -> Path:
@@ -98,67 +91,6 @@ def toy_cache_dir() -> Path:
     return Path(os.environ.get("VLM_TOY_CACHE", default))
 
 
-def toy_config(cfg: TrainConfig, world: Any) -> TrainConfig:
-    """The toy recipe pointed at a built miniature world (fields the user set explicitly are kept)."""
-    defaults = RECIPES["toy"]
-    filled = {
-        "lm": str(world.lm_dir),
-        "vision_tower": world.vision_tower,
-        "data": str(world.train_json),
-        "image_root": str(world.world_dir),
-    }
-    return cfg.replace(**{k: v for k, v in filled.items() if getattr(cfg, k) == getattr(defaults, k)})
-
-
 def toy_world_dir(cfg: TrainConfig) -> Path:
     """Where the toy recipe caches the miniature world of `cfg`: one folder per world and seed."""
     return toy_cache_dir() / (cfg.toy_world if cfg.seed == RECIPES["toy"].seed else f"{cfg.toy_world}-seed{cfg.seed}")
-
-
-def run_toy(cfg: TrainConfig) -> dict[str, Any]:
-    """Build the miniature world if needed (seeded by `cfg.seed`, like the alignment), align, evaluate every
-    held-out set before and after; writes eval.json."""
-    from projector_training.toy import ToyConfig, ensure_toy_world
-    from projector_training.toy.evaluate import evaluate, headline, provenance
-    from projector_training.train import adapter_config, init_projector, train
-    from vlm.api import build_model, load
-
-    started = time.time()
-    world_config = ToyConfig.micro() if cfg.toy_world == "micro" else ToyConfig()
-    world = ensure_toy_world(
-        toy_world_dir(cfg), config=dataclasses.replace(world_config, seed=cfg.seed), log=logger.info
-    )
-    cfg = toy_config(cfg, world)
-
-    before_model = build_model(adapter_config(cfg), device="cpu")
-    init_projector(before_model.module, cfg)
-    before = evaluate(before_model, world.world_dir)
-    del before_model
-
-    run_dir = train(cfg)
-    after = evaluate(load(run_dir, device="cpu"), world.world_dir)
-    report = {
-        **headline(after),
-        "before": headline(before),
-        "details": after,
-        "clip_zero_shot": world.clip_metrics.get("accuracy"),
-        "lm_context_accuracy": world.lm_metrics.get("accuracy"),
-        "lm_context": {k: v for k, v in world.lm_metrics.items() if k.endswith("_accuracy")},
-        "seed": cfg.seed,
-        **provenance(),
-        "seconds_total": round(time.time() - started, 1),
-    }
-    (run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in report.items() if k != "details"}, indent=2))
-    return report
-
-
-def ensure_toy_adapter(run_dir: str | Path = "runs/toy") -> Path:
-    """The trained toy adapter, training it first (progress in the terminal) if it is missing."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "projector.safetensors").is_file():
-        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-        logger.setLevel(logging.INFO)
-        logger.info("no trained toy adapter in %s: training one (about 5 minutes on 2 CPU cores)", run_dir)
-        run_toy(RECIPES["toy"].replace(output_dir=str(run_dir)))
-    return run_dir

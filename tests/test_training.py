@@ -19,10 +19,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import vlm
-from projector_training.config import TrainConfig, parse_args
+from projector_training.config import TrainConfig
 from projector_training.data import GlobalBatchSampler, load_records, malformed, record_to_messages, truncate
 from projector_training.memory import candidate_micro_batches, fit_micro_batch
-from projector_training.train import check_records, train
+from projector_training.run import check_records, train
+from projector_training.train import parse_args
 from vlm.errors import ConfigError, VLMError
 from vlm.processing.chat import IGNORE_INDEX, EncodedChat, normalize_messages, render_text
 
@@ -233,7 +234,7 @@ def test_auto_micro_batch_trains_the_same_projector(micro_world, reference_run, 
     only micro-batches of 2 with gradient checkpointing. The run must then train at micro-batch 2 with
     checkpointing and land where micro-batch 4 without it did."""
     import projector_training.memory as memory
-    import projector_training.train as train_module
+    import projector_training.run as train_module
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the reference subprocess (OMP_NUM_THREADS=1)
@@ -359,8 +360,8 @@ def test_overlong_samples_truncate_outside_images_or_drop():
 
 
 def test_dataset_skips_unreadable_images(micro_world, tmp_path):
+    from projector_training.config import adapter_config
     from projector_training.data import ConversationDataset
-    from projector_training.train import adapter_config
     from vlm.api import build_model
 
     (tmp_path / "bad.png").write_text("not an image")
@@ -440,7 +441,7 @@ def _checkpoint(run: Path, step: int) -> Path:
 
 def test_a_new_run_never_mixes_with_an_old_runs_checkpoints(tmp_path):
 
-    from projector_training.train import TrainState, latest_checkpoint, save_checkpoint
+    from projector_training.checkpoint import TrainState, latest_checkpoint, save_checkpoint
 
     old = tmp_path / "old"
     for step in (6, 8):
@@ -516,7 +517,7 @@ def test_a_bad_jsonl_line_is_named_by_its_number(tmp_path):
 
 
 def test_init_projector_from_an_unfinished_run_says_so(tmp_path):
-    from projector_training.train import init_projector
+    from projector_training.run import init_projector
 
     model = SimpleNamespace(projector=torch.nn.Sequential(torch.nn.Linear(2, 2)))
     with pytest.raises(ConfigError, match=r"no projector\.safetensors there"):
@@ -524,7 +525,7 @@ def test_init_projector_from_an_unfinished_run_says_so(tmp_path):
 
 
 def test_init_projector_none_clears_a_recipes_starting_point():
-    from projector_training.train import init_projector
+    from projector_training.run import init_projector
 
     cfg = parse_args(["--recipe", "stage2-frozen-lm-7b", "--init-projector", "none"])
     model = SimpleNamespace(projector=torch.nn.Sequential(torch.nn.Linear(2, 2)))
@@ -535,7 +536,7 @@ def test_init_projector_none_clears_a_recipes_starting_point():
 
 def test_an_overflowed_gradient_is_skipped_not_spread_into_the_weights(micro_world, tmp_path, monkeypatch):
     """A finite loss with an inf gradient (a bf16 backward overflow): clipping would make every weight NaN."""
-    import projector_training.train as training
+    import projector_training.run as training
 
     init = training.init_projector
 

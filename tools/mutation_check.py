@@ -161,7 +161,7 @@ MUTATIONS = (
     # ---- resume and the training loop
     Mutation(
         "resumed-lr-not-applied",
-        "projector_training/train.py",
+        "projector_training/checkpoint.py",
         '        group["lr"] = cfg.lr * factor(scheduler.last_epoch)  # as LambdaLR computes it',
         "        pass",
         ("tests/test_training.py", "-k", "learning_rate"),
@@ -169,7 +169,7 @@ MUTATIONS = (
     ),
     Mutation(
         "resumed-betas-eps-decay-not-applied",
-        "projector_training/train.py",
+        "projector_training/checkpoint.py",
         "        group.update(initial_lr=cfg.lr, weight_decay=cfg.weight_decay, betas=betas, eps=cfg.adam_eps)",
         "        group.update(initial_lr=cfg.lr)",
         ("tests/test_training.py", "-k", "learning_rate"),
@@ -177,7 +177,7 @@ MUTATIONS = (
     ),
     Mutation(
         "abort-on-the-first-nonfinite-step",
-        "projector_training/train.py",
+        "projector_training/loop.py",
         "if state.nonfinite_steps > cfg.max_nonfinite_steps:",
         "if state.nonfinite_steps >= cfg.max_nonfinite_steps:",
         ("tests/test_training.py", "-k", "nonfinite"),
@@ -185,7 +185,7 @@ MUTATIONS = (
     ),
     Mutation(
         "resume-ignores-a-new-seed",
-        "projector_training/train.py",
+        "projector_training/checkpoint.py",
         'for key in ("global_batch_size", "seed", "group_by_length"):',
         'for key in ("global_batch_size", "group_by_length"):',
         ("tests/test_training.py", "-k", "resuming_under_other_data"),

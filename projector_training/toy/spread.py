@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from projector_training.recipes import toy_cache_dir
+
 __all__ = ["main", "summarise"]
 
 
@@ -43,8 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", nargs="+", default=["default"], choices=["default", "avx2"])
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
-
-    from projector_training.recipes import toy_cache_dir
 
     runs: dict[str, dict[str, Any]] = {}
     for kernels in args.kernels:
