@@ -31,7 +31,7 @@ from projector_training.data import (
 )
 from projector_training.loop import Run, fit, micro_batch_loss
 from projector_training.memory import candidate_micro_batches, fit_micro_batch, try_training_pass
-from vlm.adapter import check_finished, load_llava_projector, read_projector
+from vlm.adapter import PROJECTOR_NAME, load_llava_projector, read_projector
 from vlm.api import build_model
 from vlm.errors import ConfigError
 from vlm.modeling import VisionLanguageModule
@@ -181,13 +181,11 @@ def init_projector(model: VisionLanguageModule, cfg: TrainConfig) -> None:
     if cfg.init_projector:
         source = Path(cfg.init_projector)
         if source.is_dir():
-            try:
-                check_finished(source)
-            except ConfigError as e:
+            if not (source / PROJECTOR_NAME).is_file():
                 raise ConfigError(
-                    f"--init-projector {e}; give a finished run directory, or a LLaVA mm_projector.bin / .safetensors "
-                    "file"
-                ) from None
+                    f"--init-projector {source}: no {PROJECTOR_NAME} there (an unfinished run?); give a finished run "
+                    "directory, or a LLaVA mm_projector.bin / .safetensors file"
+                )
             state = read_projector(source)
         else:
             state = load_llava_projector(source)

@@ -2,7 +2,7 @@
 
 messages -> `encode` -> EncodedChat (ids with N image slots per image, labels on the answers, image sources)
 images   -> `pixel_values` -> (I, 3, S, S)
-chats    -> `left_padded` (generation) | `right_padded` (training) -> batch tensors on the CPU
+chats    -> `left_padded` (generation); training rows -> `right_padded` -> batch tensors on the CPU
 
 The model, the training data and the exporters all use it; none of them needs the LM to tokenize.
 """
@@ -82,10 +82,6 @@ class Processor:
             mask[row, width - len(chat) :] = 1
         pixels = self.pixel_values([im for c in chats for im in c.images])
         return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
-
-    def right_padded(self, ids: Sequence[list[int]], labels: Sequence[list[int]]) -> dict[str, torch.Tensor]:
-        """Training rows right-padded -> input_ids, attention_mask and labels (B, T)."""
-        return right_padded(ids, labels, self.pad_id)
 
 
 def right_padded(ids: Sequence[list[int]], labels: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
