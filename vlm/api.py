@@ -75,6 +75,11 @@ class VisionLanguageModel:
         return self.processor.tokenizer
 
     @property
+    def lm_path(self) -> str:
+        """Where the LM was loaded from (a hub id or a resolved local path)."""
+        return self.module.lm.config.name_or_path
+
+    @property
     def device(self) -> torch.device:
         return self.module.device
 
@@ -130,25 +135,26 @@ class VisionLanguageModel:
         pixel_values: torch.Tensor | None,
         options: GenerationOptions,
     ) -> Iterator[torch.Tensor]:
-        """Yield the next token ids (B,), on the CPU, step by step (see `vlm.generation.loop.generate_tokens`)."""
-        return self._tokens({"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values},
-                            options, self._stops(input_ids.shape[0]))  # fmt: skip
+        """Yield the next token ids (B,), on the CPU, step by step (see `vlm.generation.loop.generate_tokens`). Does
+        not take the generation lock: callers that share the model between threads hold it themselves."""
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+        yield from self._tokens(batch, options)
 
-    def _stops(self, rows: int) -> Stops:
-        return Stops(self.stop_ids, rows, self.device)
-
-    def _tokens(self, batch: dict[str, Any], options: GenerationOptions, stops: Stops) -> Iterator[torch.Tensor]:
+    @torch.inference_mode()
+    def _tokens(self, batch: dict[str, Any], options: GenerationOptions) -> Iterator[torch.Tensor]:
+        """The decode loop on this model's engine; everything, the engine's cache included, is made on the first
+        step and in inference mode."""
         rows, width = batch["input_ids"].shape
+        stops = Stops(self.stop_ids, rows, self.device)
         select = TokenSelector(options, self.tokenizer, self.suppress_ids, self.device)
         engine = self.engine(rows, width + options.max_new_tokens)
         overlap = self.device.type == "cuda" if self.overlap_steps is None else self.overlap_steps
-        return generate_tokens(self.module, engine, batch, options, select, stops, self.pad_id, overlap)
+        yield from generate_tokens(self.module, engine, batch, options, select, stops, self.pad_id, overlap)
 
     def _stream(self, chats: Sequence[EncodedChat], options: GenerationOptions) -> Iterator[list[str]]:
         """Yield, per step, the new text of each row (empty for rows with nothing new)."""
         batch = self.generation_batch(chats, options.max_new_tokens)
-        stops = self._stops(len(chats))
-        return stream_text(self._tokens(batch, options, stops), self.tokenizer, options, stops)
+        yield from stream_text(self._tokens(batch, options), self.tokenizer, options, self.stop_ids, len(chats))
 
     # ----------------------------------------------------------------------------------------------
     # Answers

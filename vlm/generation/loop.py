@@ -3,10 +3,11 @@
 `generate_tokens`: prompt embeddings -> engine prefill -> token selection -> engine steps, yielding ids per step.
 `stream_text`: those ids -> text pieces per row, through a `TextAssembler` each.
 
-A row's answer ends at the first of (`Stops` holds them all):
+A row's answer ends at the first of (all decided here):
 - a stop id (`<|im_end|>`, `<|endoftext|>`): known on the device at once, so the row feeds pad from then on, and
-  on the host when its id arrives, which ends the loop once every row has one;
-- a stop string: the row's `TextAssembler` sees it in the text and cuts it off there;
+  on the host when its id arrives, which ends the loop once every row has one (`Stops`); `stream_text` ends the
+  row's text there;
+- a stop string: the row's `TextAssembler` sees it in the text and `stream_text` cuts it off there;
 - `max_new_tokens`.
 """
 
@@ -28,9 +29,8 @@ class Stops:
     """The stop ids of one generation, on the device and on the host, and which rows have reached one."""
 
     def __init__(self, stop_ids: Sequence[int], rows: int, device: torch.device):
-        self.ids = list(stop_ids)
-        self.on_device = torch.tensor(self.ids, device=device)
-        self.on_host = torch.tensor(self.ids)
+        self.on_device = torch.tensor(list(stop_ids), device=device)
+        self.on_host = torch.tensor(list(stop_ids))
         self.done = torch.zeros(rows, dtype=torch.bool, device=device)  # rows past a stop id (device)
         self.finished = torch.zeros(rows, dtype=torch.bool)  # the same, known on the host
 
@@ -42,9 +42,6 @@ class Stops:
         """Host side: note the rows whose id just arrived is a stop id -> whether every row has stopped."""
         self.finished |= torch.isin(on_host, self.on_host)
         return bool(self.finished.all())
-
-    def is_stop(self, token: int) -> bool:
-        return token in self.ids
 
 
 class _Decoding:
@@ -109,11 +106,11 @@ def generate_tokens(
 
 
 def stream_text(
-    steps: Iterator[torch.Tensor], tokenizer: Any, options: GenerationOptions, stops: Stops
+    steps: Iterator[torch.Tensor], tokenizer: Any, options: GenerationOptions, stop_ids: Sequence[int], rows: int
 ) -> Iterator[list[str]]:
-    """Token ids per step -> per step, the new text of each row (empty for rows with nothing new); a row ends at
-    its first stop id or stop string, and its held-back text comes out then (or after the last step)."""
-    rows = len(stops.finished)
+    """Token ids per step -> per step, the new text of each of `rows` rows (empty for rows with nothing new); a row
+    ends at its first stop id or stop string, and its held-back text comes out then (or after the last step)."""
+    stop = set(stop_ids)
     assemblers = [TextAssembler(tokenizer, options.stop, options.blocked_words) for _ in range(rows)]
     ended = [False] * rows
     for next_ids in steps:
@@ -121,7 +118,7 @@ def stream_text(
         for row, token in enumerate(next_ids.tolist()):
             if ended[row]:
                 pieces.append("")
-            elif stops.is_stop(token):
+            elif token in stop:
                 ended[row] = True
                 pieces.append(assemblers[row].finish())
             else:
