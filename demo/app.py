@@ -189,7 +189,7 @@ def toy_world_dir(model: vlm.VisionLanguageModel) -> Path | None:
     """The miniature world's directory when `model` is its adapter, else None.
 
     The toy world keeps `world/` (images and LLaVA eval records) beside the `lm/` its adapter points to."""
-    lm_dir = Path(model.config.lm)
+    lm_dir = Path(model.lm_path)
     world = lm_dir.parent / "world"
     return world if lm_dir.is_dir() and (world / "eval_vqa.json").is_file() else None
 

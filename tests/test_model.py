@@ -464,7 +464,7 @@ def test_overlapped_steps_give_the_same_tokens_with_at_most_one_step_to_spare(ti
 def test_static_prefill_matches_transformers_logits_and_cache_on_a_left_padded_batch(tiny_model, rgb_images):
     from transformers import DynamicCache
 
-    from vlm.generation.plain import PlainEngine
+    from vlm.generation.plain import cache_kwarg
     from vlm.generation.static import StaticEngine
 
     questions = ["What is it?", "What colour is the shape in this picture, and how big is it?"]
@@ -481,7 +481,7 @@ def test_static_prefill_matches_transformers_logits_and_cache_on_a_left_padded_b
         cache = DynamicCache(config=tiny_model.module.lm.config)
         theirs = tiny_model.module.lm(
             inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-            **{PlainEngine(tiny_model.module.lm, 2)._cache_kwarg: cache},
+            **{cache_kwarg(type(tiny_model.module.lm)): cache},
         ).logits[:, -1]  # fmt: skip
     assert torch.allclose(ours, theirs, atol=1e-5)
     real = mask.bool()[:, None, :, None]  # (B, 1, T, 1): pad slots hold values nobody reads

@@ -5,8 +5,9 @@ An adapter directory:
     adapter_config.json      AdapterConfig (vlm/config.py): backbones, image preprocessing, projector, template
     projector.safetensors    the projector's weights in float32, keys `0.weight`, `0.bias`, `2.weight`, ...
 
-Everything vlm writes for others (adapters, checkpoints, exports) goes through `atomic_write`: it is written
-whole under a temporary sibling name, then renamed into place, so a reader never sees half of it. What is handed
+Adapters, imports and exports are written with `atomic_write`: whole, under a sibling name ending in `.partial`,
+then renamed into place, so a reader never sees half of one. (Training checkpoints have their own rename and a
+state file written last, in projector_training/checkpoint.py.) What is handed
 on gets the permissions a new file of the user's would have (`make_shareable`).
 """
 
@@ -54,7 +55,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, shareable: 
     `path` (replacing a file, or an absent or empty directory). If `write` fails, nothing is left behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    staging = path.with_name(f"{path.name}.partial")  # a retry after a crash clears what the crash left
     _remove(staging)
     try:
         write(staging)

@@ -17,6 +17,7 @@ from projector_training.config import TrainConfig, adapter_config
 from projector_training.recipes import RECIPES, toy_world_dir
 from projector_training.run import init_projector, train
 from projector_training.toy.evaluate import evaluate, headline, provenance
+from vlm.adapter import PROJECTOR_NAME
 from vlm.api import build_model, load
 
 __all__ = ["ensure_toy_adapter", "run_toy", "toy_config"]
@@ -75,7 +76,7 @@ def run_toy(cfg: TrainConfig) -> dict[str, Any]:
 def ensure_toy_adapter(run_dir: str | Path = "runs/toy") -> Path:
     """The trained toy adapter, training it first (progress in the terminal) if it is missing."""
     run_dir = Path(run_dir)
-    if not (run_dir / "projector.safetensors").is_file():
+    if not (run_dir / PROJECTOR_NAME).is_file():
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
         logger.setLevel(logging.INFO)
         logger.info("no trained toy adapter in %s: training one (about 5 minutes on 2 CPU cores)", run_dir)

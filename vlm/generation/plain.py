@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
 from torch import nn
 
-__all__ = ["PlainEngine"]
+__all__ = ["PlainEngine", "cache_kwarg"]
+
+
+@functools.cache
+def cache_kwarg(lm_class: type) -> str:
+    """transformers renamed `past_key_values` to `cache`: the name this version's LM class takes."""
+    return "cache" if "cache" in inspect.signature(lm_class.forward).parameters else "past_key_values"
 
 
 class PlainEngine:
@@ -19,8 +26,7 @@ class PlainEngine:
         self.lm = lm
         self.batch_size = batch_size
         self.length = 0
-        # transformers renamed `past_key_values` to `cache`; use whichever this version's LM takes
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        self._cache_kwarg = cache_kwarg(type(lm))
         self._cache = None
         self._mask: torch.Tensor | None = None
 

@@ -387,6 +387,7 @@ class StaticEngine:
         hidden = self._layer_loop(hidden, cos, sin, self._between, attend)
         return self.lm.get_output_embeddings()(self.decoder.norm(hidden)[:, -1])  # (B, V)
 
+    @torch.inference_mode()
     def rollback(self, length: int) -> None:
         """Forget every slot from `length` on: the next step writes slot `length`."""
         if not 0 <= length <= self.length:
