@@ -71,3 +71,30 @@ def test_engine_choice_follows_the_decode_mode_and_reuses_the_static_cache():
     assert three.batch_size == 3 and three is not longer
     with pytest.raises(Exception, match="unknown decode mode 'fast'"):
         engines.engine("fast", cpu, 2, 40)
+
+
+@pytest.mark.parametrize("kind", ["plain", "static"])
+def test_extend_checks_several_ids_in_one_forward_and_rolls_back(kind):
+    """What speculative decoding's check needs: K ids in one forward give the logits after each, as transformers'
+    forward over the whole sequence does; a rollback then forgets the rejected ones and the next ids follow the
+    kept ones."""
+    torch.manual_seed(2)
+    lm = _lm()
+    batch, length = 2, 5
+    embeds = torch.randn(batch, length, 64)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, :1] = 0  # left padding
+    start = (mask.cumsum(-1) - 1).clamp(min=0)
+    drafted = torch.randint(0, 96, (batch, 4))
+    with torch.inference_mode():
+        engine = _engine(kind, lm, batch)
+        engine.prefill(embeds, mask, start)
+        checked = engine.extend(drafted, start[:, -1:] + torch.arange(1, 5))  # (B, 4, V)
+        assert checked.shape[:2] == (batch, 4) and engine.length == length + 4
+        expected = _full_logits(lm, embeds, mask, drafted)
+        torch.testing.assert_close(checked, expected[:, 1:], atol=1e-4, rtol=1e-4)
+        engine.rollback(length + 2)  # the first two kept
+        follow = torch.randint(0, 96, (batch, 3))
+        again = engine.extend(follow, start[:, -1:] + torch.arange(3, 6))
+        expected = _full_logits(lm, embeds, mask, torch.cat([drafted[:, :2], follow], 1))
+        torch.testing.assert_close(again, expected[:, 3:], atol=1e-4, rtol=1e-4)

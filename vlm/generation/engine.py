@@ -1,8 +1,9 @@
 """The decode-engine protocol, and the choice of engine for a decode mode.
 
 An engine owns a KV cache for a batch of rows: `prefill` runs left-padded prompt embeddings, `step` feeds one id
-per row, `rollback` forgets positions (speculative decoding rejects drafted tokens that way). The decode loop
-(`vlm.generation.loop`) drives any engine the same way.
+per row, `extend` feeds several at once and `rollback` forgets positions (speculative decoding checks drafted
+tokens with `extend` and forgets the rejected ones). The decode loops (`vlm.generation.loop`,
+`vlm.generation.speculative`) drive any engine the same way.
 
 Engines: `PlainEngine` (transformers' forward and DynamicCache: any LM, any device) and `StaticEngine` (a static
 cache, CUDA-graph replay on GPUs, Llama-architecture LMs).
@@ -43,6 +44,11 @@ class DecodeEngine(Protocol):
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One id per row (B,) at rotary positions (B,) -> the following logits (B, V)."""
+        ...
+
+    def extend(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """K ids per row (B, K) at rotary positions (B, K), in one forward -> the logits after each (B, K, V)
+        (speculative decoding checks K drafted tokens at once)."""
         ...
 
     def rollback(self, length: int) -> None:

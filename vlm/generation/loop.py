@@ -22,7 +22,7 @@ from vlm.generation.engine import DecodeEngine
 from vlm.generation.options import GenerationOptions
 from vlm.generation.text import TextAssembler
 
-__all__ = ["Stops", "generate_tokens", "stream_text"]
+__all__ = ["Decoding", "Stops", "generate_tokens", "stream_text"]
 
 
 class Stops:
@@ -44,8 +44,9 @@ class Stops:
         return bool(self.finished.all())
 
 
-class _Decoding:
-    """The sequence so far, each row's next rotary position, and the engine that holds its cache."""
+class Decoding:
+    """The sequence so far (prompt and every id fed), each row's rotary position, and the engine that holds its
+    cache."""
 
     def __init__(self, engine: DecodeEngine, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         self.engine = engine
@@ -54,6 +55,7 @@ class _Decoding:
         first = input_ids.gather(1, attention_mask.argmax(-1, keepdim=True))
         self.sequence = torch.where(attention_mask.bool(), input_ids, first)
         self.position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens from 0
+        self.prompt_width = input_ids.shape[1]
         self.positions = self.position_ids[:, -1]
 
     def advance(self, next_ids: torch.Tensor) -> torch.Tensor:
@@ -61,6 +63,23 @@ class _Decoding:
         self.sequence = torch.cat([self.sequence, next_ids[:, None]], dim=1)
         self.positions = self.positions + 1
         return self.engine.step(next_ids, self.positions)
+
+    def extend(self, ids: torch.Tensor) -> torch.Tensor:
+        """Feed K ids per row (B, K) in one forward -> the logits after each (B, K, V)."""
+        self.sequence = torch.cat([self.sequence, ids], dim=1)
+        positions = self.positions[:, None] + torch.arange(1, ids.shape[1] + 1, device=ids.device)  # (B, K)
+        self.positions = positions[:, -1]
+        return self.engine.extend(ids, positions)
+
+    def keep(self, fed: int) -> None:
+        """Forget all but the first `fed` ids fed after the prompt (the cache and the sequence alike)."""
+        drop = self.sequence.shape[1] - self.prompt_width - fed
+        if drop < 0:
+            raise ValueError(f"cannot keep {fed} ids: only {self.sequence.shape[1] - self.prompt_width} were fed")
+        if drop:
+            self.sequence = self.sequence[:, :-drop]
+            self.positions = self.positions - drop
+            self.engine.rollback(self.engine.length - drop)
 
 
 @torch.inference_mode()
@@ -83,7 +102,7 @@ def generate_tokens(
     handles the token, and a stop costs one step whose result is dropped."""
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     embeds = module.embed(input_ids, batch["pixel_values"], graphed=engine.use_cuda_graph)
-    decoding = _Decoding(engine, input_ids, attention_mask)
+    decoding = Decoding(engine, input_ids, attention_mask)
     logits = engine.prefill(embeds, attention_mask, decoding.position_ids)  # (B, V)
     for step in range(options.max_new_tokens):
         next_ids = torch.where(stops.done, pad_id, select(decoding.sequence, logits))  # (B,)

@@ -18,7 +18,8 @@ def cache_kwarg(lm_class: type) -> str:
 
 
 class PlainEngine:
-    """Prefill and one-token steps through `lm.forward` (see `vlm.generation.engine.DecodeEngine`)."""
+    """Prefill, one-token steps and several-token extensions through `lm.forward` (see
+    `vlm.generation.engine.DecodeEngine`)."""
 
     use_cuda_graph = False
 
@@ -57,6 +58,18 @@ class PlainEngine:
             use_cache=True,
             **{self._cache_kwarg: self._cache},
         ).logits[:, -1]
+
+    def extend(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """ids (B, K) at rotary positions (B, K) in one forward -> the logits after each (B, K, V)."""
+        self._mask = torch.cat([self._mask, torch.ones_like(ids, dtype=self._mask.dtype)], dim=1)
+        self.length += ids.shape[1]
+        return self.lm(
+            input_ids=ids,
+            attention_mask=self._mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_kwarg: self._cache},
+        ).logits
 
     def rollback(self, length: int) -> None:
         """Forget every position from `length` on."""

@@ -98,13 +98,31 @@ class TokenSelector:
         if options.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(options.seed)
 
+    @property
+    def per_position(self) -> bool:
+        """Whether the scores depend on the sequence so far (a repetition penalty, blocked words): then each
+        position's scores need its own prefix; otherwise many positions can be scored in one call."""
+        return any(isinstance(p, (RepetitionPenaltyLogitsProcessor, BlockedWordsProcessor)) for p in self.processors)
+
+    def scores(self, sequence: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """sequence (B, T) ids so far, logits (B, V) -> the processed float scores (B, V) that ids are chosen from
+        (suppressed ids and banned words at -inf; temperature, top-k and top-p applied when sampling). Without
+        `per_position` processors, logits of any shape (..., V) may be given, and the sequence is not read."""
+        logits = logits.float().clone()  # never write into the engine's output buffer
+        if self.suppress_ids.numel():
+            logits[..., self.suppress_ids] = float("-inf")
+        if not self.processors:
+            return logits
+        if not self.per_position and logits.dim() > 2:
+            return self.processors(sequence, logits.flatten(0, -2)).view(logits.shape)
+        return self.processors(sequence, logits)
+
+    def pick(self, scores: torch.Tensor) -> torch.Tensor:
+        """Processed scores (B, V) -> ids (B,): the argmax when greedy, else a draw from softmax(scores)."""
+        if self.greedy:
+            return scores.argmax(dim=-1)
+        return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self.generator).squeeze(1)
+
     def __call__(self, sequence: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """sequence (B, T) ids so far, logits (B, V) -> next ids (B,)."""
-        logits = logits.float()
-        if self.suppress_ids.numel():
-            logits[:, self.suppress_ids] = float("-inf")
-        logits = self.processors(sequence, logits)
-        if self.greedy:
-            return logits.argmax(dim=-1)
-        probs = torch.softmax(logits, dim=-1)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+        return self.pick(self.scores(sequence, logits))

@@ -291,6 +291,9 @@ class StaticEngine:
         self.slot = torch.zeros((1,), device=device, dtype=torch.long)
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
+        # width K -> (graph, logits, (ids, positions, slots) buffers) of `extend`
+        self._offsets = torch.arange(64, device=device)  # slot offsets of an extension (at most 64 wide)
+        self._extend_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple[torch.Tensor, ...]]] = {}
         self.use_cuda_graph = use_cuda_graph and device.type == "cuda"
         self.length = 0  # slots [0, length) hold the sequence so far
         self._embeddings_at = weight.data_ptr()  # moving or recasting the LM gives every weight new storage
@@ -386,6 +389,56 @@ class StaticEngine:
 
         hidden = self._layer_loop(hidden, cos, sin, self._between, attend)
         return self.lm.get_output_embeddings()(self.decoder.norm(hidden)[:, -1])  # (B, V)
+
+    @torch.inference_mode()
+    def _extend(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """ids (B, K) at rotary `positions` (B, K), written to cache `slots` (K,) -> logits (B, K, V); each id
+        attends to the slots before it and to itself."""
+        hidden = self.decoder.embed_tokens(ids)  # (B, K, H)
+        cos, sin = self.decoder.rotary_emb(hidden, positions)
+        self.mask.index_fill_(1, slots, 0.0)
+        later = torch.arange(self.max_len, device=slots.device)[None, :] > slots[:, None]  # (K, L)
+        mask = self.mask[:, None, None, :].masked_fill(later, float("-inf"))  # (B, 1, K, L)
+
+        def attend(i: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            cache = self.cache[i]
+            cache.index_copy_(3, slots, kv)
+            return F.scaled_dot_product_attention(
+                q, cache[0], cache[1], attn_mask=mask, scale=self.layers[i].self_attn.scaling, enable_gqa=self.gqa
+            )  # (B, Hq, K, D)
+
+        hidden = self._layer_loop(hidden, cos, sin, self._between, attend)
+        return self.lm.get_output_embeddings()(self.decoder.norm(hidden))  # (B, K, V)
+
+    def extend(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Decode K ids per row into the next K slots in one forward: ids (B, K), positions (B, K) -> logits
+        (B, K, V). With `use_cuda_graph`, each K gets its own captured graph."""
+        start, width = self.length, ids.shape[1]
+        if width > len(self._offsets):
+            raise ValueError(f"an extension of {width} ids is over the {len(self._offsets)} one forward takes")
+        if start + width > self.max_len:
+            raise ValueError(f"cache slots {start}..{start + width - 1} are past the static cache of {self.max_len}")
+        self.length += width
+        if not self.use_cuda_graph:
+            return self._extend(ids, positions, self._offsets[:width] + start)
+        graphed = self._extend_graphs.get(width)
+        if graphed is None:
+            buffers = (torch.zeros_like(ids), torch.zeros_like(positions), torch.zeros((width,), dtype=torch.long,
+                       device=ids.device))  # fmt: skip
+            buffers[0].copy_(ids), buffers[1].copy_(positions), torch.add(self._offsets[:width], start, out=buffers[2])
+            try:
+                graph, logits = capture_graph(lambda: self._extend(*buffers))
+            except RuntimeError as error:
+                warnings.warn(f"checking drafts without a CUDA graph: capture failed ({error})", stacklevel=2)
+                self.use_cuda_graph = False
+                return self._extend(*buffers)
+            graphed = self._extend_graphs[width] = (graph, logits, buffers)
+        graph, logits, (ids_in, positions_in, slots_in) = graphed
+        ids_in.copy_(ids)
+        positions_in.copy_(positions)
+        torch.add(self._offsets[:width], start, out=slots_in)  # on the device: no wait for the host
+        graph.replay()
+        return logits
 
     @torch.inference_mode()
     def rollback(self, length: int) -> None:
