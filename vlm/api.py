@@ -23,7 +23,20 @@ from vlm.generation.engine import DecodeEngine, EngineCache
 from vlm.generation.loop import Stops, generate_tokens, stream_text
 from vlm.generation.options import GenerationOptions
 from vlm.generation.sampling import TokenSelector
-from vlm.modeling.loading import load_backbones, torch_device, torch_dtype
+from vlm.generation.speculative import (
+    DraftLength,
+    SpeculationStats,
+    SpeculativeDecoder,
+    generate_tokens_speculative,
+)
+from vlm.modeling.loading import (
+    check_memory,
+    lm_config_of,
+    load_backbones,
+    torch_device,
+    torch_dtype,
+    vision_identity,
+)
 from vlm.modeling.model import VisionLanguageModule, resolve_config
 from vlm.modeling.towers import VisionTower
 from vlm.processing.chat import EncodedChat
@@ -59,6 +72,12 @@ class VisionLanguageModel:
         self.decode_mode = "auto"
         self.overlap_steps: bool | None = None
         self.engines = EngineCache(lm)
+        self.draft: VisionLanguageModel | None = None
+        """A smaller model sharing the tokenizer that proposes tokens for speculative decoding (`attach_draft`)."""
+        self.draft_length: int | None = None
+        """Tokens the draft proposes per round; None adapts it to the acceptance (`DraftLength`)."""
+        self.last_speculation: SpeculationStats | None = None
+        """What the latest generation with the draft did: acceptance rate, tokens per target forward."""
         self._lock = threading.Lock()  # one generation at a time per model: the KV cache and GPU are shared
         self._lock_owner: int | None = None  # the thread that last advanced the generation holding it
         self._lock_steps = 0  # steps that generation has taken: progress made by whichever thread drives it
@@ -107,6 +126,39 @@ class VisionLanguageModel:
         """Write the adapter (config and projector) to `directory`."""
         return write_adapter(directory, self.config, self.module.projector_state())
 
+    def attach_draft(self, draft: VisionLanguageModel | None) -> None:
+        """Decode speculatively from now on, with `draft` proposing tokens that this model checks (None: decode
+        alone again). Answers are what this model gives alone: the same tokens when greedy, the same distribution
+        when sampling. The draft must share the tokenizer, the image token and the tokens per image; when it also
+        shares the vision tower (`vlm.load` arranges that for equal vision settings), each image is encoded once."""
+        if draft is not None:
+            if draft is self:
+                raise ConfigError("a model cannot be its own draft")
+            if draft.device != self.device:
+                raise ConfigError(f"the draft is on {draft.device} but the model on {self.device}: load both on one")
+            if draft.tokenizer.get_vocab() != self.tokenizer.get_vocab():
+                raise ConfigError(
+                    f"the draft {draft.lm_path!r} has another vocabulary than {self.lm_path!r}: speculative decoding "
+                    "needs one tokenizer (CausalLM 7B and 14B share Qwen's)"
+                )
+            if (draft.config.image_token_id, draft.num_image_tokens) != (self.config.image_token_id,
+                                                                          self.num_image_tokens):  # fmt: skip
+                raise ConfigError(
+                    f"the draft puts {draft.num_image_tokens} tokens per image in row {draft.config.image_token_id} "
+                    f"but the model {self.num_image_tokens} in row {self.config.image_token_id}: a draft needs the "
+                    "same image tokens (train it with the same vision tower)"
+                )
+        self.draft = draft
+
+    def _draft_pixels(self) -> bool:
+        """Whether the draft needs pixel values of its own (another tower with other preprocessing)."""
+        draft = self.draft
+        return (
+            draft is not None
+            and draft.module.vision is not self.module.vision
+            and (draft.processor.image_processor != self.processor.image_processor)
+        )
+
     # ----------------------------------------------------------------------------------------------
     # Inputs and tokens
 
@@ -134,10 +186,17 @@ class VisionLanguageModel:
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor | None,
         options: GenerationOptions,
+        draft_pixel_values: torch.Tensor | None = None,
     ) -> Iterator[torch.Tensor]:
-        """Yield the next token ids (B,), on the CPU, step by step (see `vlm.generation.loop.generate_tokens`). Does
-        not take the generation lock: callers that share the model between threads hold it themselves."""
+        """Yield the next token ids (B,), on the CPU, step by step (see `vlm.generation.loop.generate_tokens`; with
+        a draft, `vlm.generation.speculative`). Does not take the generation lock: callers that share the model
+        between threads hold it themselves. `draft_pixel_values`: the draft's own, when its tower preprocesses
+        images differently."""
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+        if self._draft_pixels():
+            if draft_pixel_values is None:
+                raise VLMError("the draft preprocesses images its own way: pass its draft_pixel_values too")
+            batch["draft_pixel_values"] = draft_pixel_values
         yield from self._tokens(batch, options)
 
     @torch.inference_mode()
@@ -148,12 +207,44 @@ class VisionLanguageModel:
         stops = Stops(self.stop_ids, rows, self.device)
         select = TokenSelector(options, self.tokenizer, self.suppress_ids, self.device)
         engine = self.engine(rows, width + options.max_new_tokens)
+        if self.draft is not None:
+            yield from self._speculative_tokens(batch, options, engine, select, stops)
+            return
         overlap = self.device.type == "cuda" if self.overlap_steps is None else self.overlap_steps
         yield from generate_tokens(self.module, engine, batch, options, select, stops, self.pad_id, overlap)
+
+    def _speculative_tokens(
+        self,
+        batch: dict[str, Any],
+        options: GenerationOptions,
+        engine: DecodeEngine,
+        select: TokenSelector,
+        stops: Stops,
+    ) -> Iterator[torch.Tensor]:
+        """The decode loop with the draft (`vlm.generation.speculative`): a shared tower runs once per image."""
+        draft = self.draft
+        ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+        rows, width = ids.shape
+        draft_engine = draft.engines.engine(self.decode_mode, self.device, rows, width + options.max_new_tokens)
+        features = None
+        if pixels is not None and draft.module.vision is self.module.vision:
+            features = self.module.image_features(pixels, graphed=engine.use_cuda_graph)
+        embeds = self.module.embed(ids, pixels, engine.use_cuda_graph, features)
+        draft_pixels = batch.get("draft_pixel_values", pixels) if features is None else None
+        draft_embeds = draft.module.embed(ids, draft_pixels, draft_engine.use_cuda_graph, features)
+        draft_select = TokenSelector(options, self.tokenizer, draft.suppress_ids, self.device)
+        decoder, logits = SpeculativeDecoder.prefill(
+            (engine, draft_engine), (embeds, draft_embeds), ids, mask, (select, draft_select),
+            DraftLength(self.draft_length),
+        )  # fmt: skip
+        self.last_speculation = decoder.stats
+        yield from generate_tokens_speculative(decoder, logits, options, stops, self.pad_id)
 
     def _stream(self, chats: Sequence[EncodedChat], options: GenerationOptions) -> Iterator[list[str]]:
         """Yield, per step, the new text of each row (empty for rows with nothing new)."""
         batch = self.generation_batch(chats, options.max_new_tokens)
+        if self._draft_pixels():
+            batch["draft_pixel_values"] = self.draft.processor.pixel_values([im for c in chats for im in c.images])
         yield from stream_text(self._tokens(batch, options), self.tokenizer, options, self.stop_ids, len(chats))
 
     # ----------------------------------------------------------------------------------------------
@@ -268,28 +359,23 @@ def build_model(
     base: Path | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    vision: VisionTower | None = None,
 ) -> VisionLanguageModel:
     """Load the backbones named by `config` (paths relative to `base`) around a freshly initialised
-    projector. Defaults: CUDA with bf16 when available, else CPU with fp32."""
+    projector. Defaults: CUDA with bf16 when available, else CPU with fp32. A `vision` tower already loaded
+    (another model's) is shared instead of loading one."""
     device = torch_device(device)
     dtype = torch_dtype(dtype, device)
-    vision, lm, tokenizer = load_backbones(config, base, device, dtype)
+    vision, lm, tokenizer = load_backbones(config, base, device, dtype, vision)
     model = VisionLanguageModel(config, vision, lm, tokenizer)
     model.module.to(device=device, dtype=dtype)
     return model
 
 
-def load(
-    source: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
-) -> VisionLanguageModel:
-    """Build a model from an adapter directory or a preset name (`causallm-14b`, `causallm-7b`).
-
-    Defaults: CUDA with bf16 when available, else CPU with fp32. A preset's projector is untrained.
-    """
+def _source(source: str | Path) -> tuple[AdapterConfig, Path | None]:
+    """An adapter directory or a preset name -> (config, the directory; None for a preset)."""
     if str(source) in PRESETS:
-        model = build_model(PRESETS[str(source)], None, device, dtype)
-        logger.warning("preset %s: the projector is untrained; train one with vlm-train or load an adapter", source)
-        return model
+        return PRESETS[str(source)], None
     if not (Path(source).is_dir() and is_adapter_dir(source)):
         raise ConfigError(
             f"{source!s} is neither an adapter directory (with {CONFIG_NAME}) nor a preset ({', '.join(PRESETS)})"
@@ -297,7 +383,55 @@ def load(
     base = Path(source)
     config = read_config(base)
     check_finished(base)  # before any backbone is loaded
-    model = build_model(config, base, device, dtype)
+    return config, base
+
+
+def _load_one(
+    source: str | Path,
+    config: AdapterConfig,
+    base: Path | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    vision: VisionTower | None = None,
+) -> VisionLanguageModel:
+    model = build_model(config, base, device, dtype, vision)
+    if base is None:
+        logger.warning("preset %s: the projector is untrained; train one with vlm-train or load an adapter", source)
+        return model
     state = read_projector(base, model.device)
     model.module.load_projector_state({k: v.to(model.dtype) for k, v in state.items()})
+    return model
+
+
+def load(
+    source: str | Path,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    draft: str | Path | None = None,
+    draft_length: int | None = None,
+) -> VisionLanguageModel:
+    """Build a model from an adapter directory or a preset name (`causallm-14b`, `causallm-7b`).
+
+    Defaults: CUDA with bf16 when available, else CPU with fp32. A preset's projector is untrained.
+    `draft`: a second adapter (or preset) whose smaller LM proposes tokens for this one to check (speculative
+    decoding: the 7B adapter for the 14B); when both name the same vision tower and settings, the tower is loaded
+    once and runs once per image. `draft_length`: tokens proposed per round (None adapts it).
+    """
+    device = torch_device(device)
+    dtype = torch_dtype(dtype, device)
+    config, base = _source(source)
+    if draft is None:
+        return _load_one(source, config, base, device, dtype)
+    draft_config, draft_base = _source(draft)
+    if device.type == "cuda":  # both LMs, before either is read
+        free, _ = torch.cuda.mem_get_info(device)
+        pair = (draft_config.lm, lm_config_of(draft_config, draft_base))
+        check_memory(config.lm, lm_config_of(config, base), dtype, free, draft=pair)
+    model = _load_one(source, config, base, device, dtype)
+    shared = vision_identity(config, base) == vision_identity(draft_config, draft_base)
+    if not shared:
+        logger.warning("the draft's vision settings differ from the model's: each encodes the images itself")
+    helper = _load_one(draft, draft_config, draft_base, device, dtype, model.module.vision if shared else None)
+    model.attach_draft(helper)
+    model.draft_length = DraftLength(draft_length).fixed  # checked here, not at the first answer
     return model

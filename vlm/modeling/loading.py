@@ -12,7 +12,15 @@ from vlm.config import AdapterConfig
 from vlm.errors import ConfigError, InsufficientMemoryError
 from vlm.modeling.towers import VisionTower, build_vision_tower
 
-__all__ = ["check_memory", "load_backbones", "resolve_reference", "torch_device", "torch_dtype"]
+__all__ = [
+    "check_memory",
+    "lm_config_of",
+    "load_backbones",
+    "resolve_reference",
+    "torch_device",
+    "torch_dtype",
+    "vision_identity",
+]
 
 
 def resolve_reference(reference: str, base: Path | None) -> str:
@@ -36,20 +44,44 @@ def _lm_bytes(lm_config: Any, dtype: torch.dtype) -> int:
 
 
 def check_memory(
-    lm_name: str, lm_config: Any, dtype: torch.dtype, free_bytes: int, reserve_bytes: int = 2 << 30
+    lm_name: str,
+    lm_config: Any,
+    dtype: torch.dtype,
+    free_bytes: int,
+    reserve_bytes: int = 2 << 30,
+    draft: tuple[str, Any] | None = None,
 ) -> None:
-    """Raise InsufficientMemoryError if the LM's weights plus a working reserve exceed `free_bytes`."""
-    need = _lm_bytes(lm_config, dtype) + reserve_bytes
-    if need > free_bytes:
+    """Raise InsufficientMemoryError if the LM's weights plus a working reserve exceed `free_bytes`; with a
+    `draft` (name, config) for speculative decoding, both LMs' weights."""
+    need = _lm_bytes(lm_config, dtype) + reserve_bytes + (_lm_bytes(draft[1], dtype) if draft else 0)
+    if need <= free_bytes:
+        return
+    names = f"{lm_name} + the draft {draft[0]}" if draft else lm_name
+    if draft:
+        advice = "decode without the draft (speculative decoding keeps both LMs on one card) or use a larger card"
+    elif lm_config.hidden_size >= 5120:
         advice = (
             "use the 7B preset ('causallm-7b') instead: the CausalLM model card recommends the 7B over a quantized 14B"
-            if lm_config.hidden_size >= 5120
-            else "free accelerator memory or use a larger card"
         )
-        raise InsufficientMemoryError(
-            f"{lm_name} needs about {need / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')} "
-            f"(weights + working memory) but only {free_bytes / 2**30:.1f} GiB is free; {advice}"
-        )
+    else:
+        advice = "free accelerator memory or use a larger card"
+    raise InsufficientMemoryError(
+        f"{names} need{'' if draft else 's'} about {need / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')} "
+        f"(weights + working memory) but only {free_bytes / 2**30:.1f} GiB is free; {advice}"
+    )
+
+
+def lm_config_of(config: AdapterConfig, base: Path | None) -> Any:
+    """The transformers config of the LM an adapter names (no weights read)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_reference(config.lm, base))
+    except OSError as e:
+        raise ConfigError(
+            f"could not load the LM {config.lm!r}: {e}. If it is a hub id, check the name and that the hub is "
+            "reachable (HF_HUB_OFFLINE unset), or give a local path"
+        ) from e
 
 
 def torch_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
@@ -77,18 +109,23 @@ def torch_device(device: str | torch.device | None) -> torch.device:
 
 
 def load_backbones(
-    config: AdapterConfig, base: Path | None, device: torch.device, dtype: torch.dtype
+    config: AdapterConfig,
+    base: Path | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    vision: VisionTower | None = None,
 ) -> tuple[VisionTower, nn.Module, Any]:
     """The tower, LM (in `dtype`) and tokenizer named by `config` (paths relative to `base`), on the CPU; on CUDA,
-    after checking that the LM fits on `device`."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    after checking that the LM fits on `device`. A `vision` tower already loaded (shared with another model) is
+    used instead of loading one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     lm_ref = resolve_reference(config.lm, base)
+    lm_config = lm_config_of(config, base)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        check_memory(config.lm, lm_config, dtype, free)
     try:
-        lm_config = AutoConfig.from_pretrained(lm_ref)
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            check_memory(config.lm, lm_config, dtype, free)
         tokenizer = AutoTokenizer.from_pretrained(lm_ref)
         lm = AutoModelForCausalLM.from_pretrained(lm_ref, config=lm_config, dtype=dtype)
     except OSError as e:
@@ -96,5 +133,18 @@ def load_backbones(
             f"could not load the LM {config.lm!r}: {e}. If it is a hub id, check the name and that the hub is "
             "reachable (HF_HUB_OFFLINE unset), or give a local path"
         ) from e
-    vision = build_vision_tower(config, resolve_reference(config.vision_tower, base))
+    if vision is None:
+        vision = build_vision_tower(config, resolve_reference(config.vision_tower, base))
     return vision, lm, tokenizer
+
+
+def vision_identity(config: AdapterConfig, base: Path | None) -> tuple[Any, ...]:
+    """What decides a tower's features: two adapters with equal identities can share one tower and its output."""
+    return (
+        config.vision_backend,
+        resolve_reference(config.vision_tower, base),
+        config.vision_pretrained,
+        config.select_layer,
+        config.select_feature,
+        config.image_aspect,
+    )

@@ -180,26 +180,41 @@ class VisionLanguageModule(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # The model
 
-    def encode_images(self, pixel_values: torch.Tensor, graphed: bool = False) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, N, H) image embeddings in LM space. `graphed` (inference on a GPU): the tower
-        runs as a CUDA-graph replay (see `vlm.modeling.cuda_graphs.GraphedForward`)."""
+    def image_features(self, pixel_values: torch.Tensor, graphed: bool = False) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, N, Dv) tower features, before the projector. `graphed` (inference on a GPU): the
+        tower runs as a CUDA-graph replay (see `vlm.modeling.cuda_graphs.GraphedForward`), whose output buffer
+        the next replay overwrites."""
         pixel_values = pixel_values.to(self.device, self.vision_dtype)
         if graphed:
             if self._graphed_vision is None:
                 self._graphed_vision = GraphedForward(self.vision)
-            features = self._graphed_vision(pixel_values)
-        else:
-            with torch.no_grad():
-                features = self.vision(pixel_values)  # (B, N, Dv)
-        projector_dtype = next(self.projector.parameters()).dtype
-        return self.projector(features.to(projector_dtype))
+            return self._graphed_vision(pixel_values)
+        with torch.no_grad():
+            return self.vision(pixel_values)  # (B, N, Dv)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, graphed: bool = False) -> torch.Tensor:
-        """(B, T) ids + (I, 3, S, S) pixels -> (B, T, H) embeddings with every image slot filled in order."""
+    def encode_images(self, pixel_values: torch.Tensor, graphed: bool = False) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, N, H) image embeddings in LM space (tower, then projector)."""
+        return self.project(self.image_features(pixel_values, graphed))
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Tower features (B, N, Dv) -> (B, N, H) image embeddings in LM space."""
+        projector_dtype = next(self.projector.parameters()).dtype
+        return self.projector(features.to(self.device, projector_dtype))
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        graphed: bool = False,
+        features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, T) ids + (I, 3, S, S) pixels -> (B, T, H) embeddings with every image slot filled in order. Tower
+        `features` (I, N, Dv) already computed (by a model sharing this tower) may be given instead of pixels."""
         embeds = self.lm.get_input_embeddings()(input_ids)  # (B, T, H)
         slots = input_ids == self.config.image_token_id  # (B, T)
         num_slots = int(slots.sum())
-        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        given = features if features is not None else pixel_values
+        num_images = 0 if given is None else given.shape[0]
         if num_slots != num_images * self.num_image_tokens:
             raise PromptError(
                 f"the input has {num_slots} image-token slots but {num_images} image(s) x "
@@ -207,8 +222,10 @@ class VisionLanguageModule(nn.Module):
             )
         if num_images == 0:
             return embeds
-        features = self.encode_images(pixel_values, graphed).to(embeds.dtype)  # (I, N, H)
-        return embeds.masked_scatter(slots.unsqueeze(-1), features)
+        if features is None:
+            features = self.image_features(pixel_values, graphed)
+        images = self.project(features).to(embeds.dtype)  # (I, N, H)
+        return embeds.masked_scatter(slots.unsqueeze(-1), images)
 
     def forward(
         self,
