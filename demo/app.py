@@ -222,8 +222,9 @@ def _short(reference: str) -> str:
 
 def _description(model: vlm.VisionLanguageModel) -> str:
     config = model.config
+    draft = "none" if model.draft is None else f"`{_short(model.draft.config.lm)}` (speculative decoding)"
     return (
-        f"**LM** `{_short(config.lm)}` · **vision tower** `{_short(config.vision_tower)}` · "
+        f"**LM** `{_short(config.lm)}` · **Draft** {draft} · **vision tower** `{_short(config.vision_tower)}` · "
         f"{model.num_image_tokens} image tokens per image.  \nUpload, drag and drop or paste images, then ask about "
         "them; images stay in the conversation. Settings are under the chat."
     )
@@ -316,12 +317,15 @@ def launch(
     port: int = 7860,
     device: str | None = None,
     dtype: str | None = None,
+    draft: str | Path | None = None,
+    draft_length: int | None = None,
     **kwargs: Any,
 ) -> gr.Blocks:
     """Load the model once and serve the demo; returns when the server stops (at once with `prevent_thread_lock`).
 
     `model`: an adapter directory or preset; None trains the miniature world's adapter if it is missing (with
-    progress in the terminal) and uses it. `kwargs` go to `gr.Blocks.launch` and override its safe defaults.
+    progress in the terminal) and uses it. `draft` (and `draft_length`): a smaller adapter for speculative
+    decoding, as in `vlm.load`. `kwargs` go to `gr.Blocks.launch` and override its safe defaults.
     """
     from transformers.utils import logging as hf_logging
 
@@ -332,7 +336,7 @@ def launch(
         model = ensure_toy_adapter()
     print(f"demo: loading {model} ...", flush=True)
     hf_logging.disable_progress_bar()
-    loaded = vlm.load(model, device=device, dtype=dtype)
+    loaded = vlm.load(model, device=device, dtype=dtype, draft=draft, draft_length=draft_length)
     app = build_app(loaded)
     app.queue(default_concurrency_limit=1)  # one generation at a time: the model has one KV cache and GPU
     app.launch(server_name=host, server_port=port, **{"max_file_size": MAX_UPLOAD_SIZE, **kwargs})

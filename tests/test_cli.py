@@ -183,3 +183,19 @@ def test_typed_paths_are_taken_as_they_are_when_they_exist(tmp_path):
 def test_no_model_outside_the_repository_says_how_to_get_one(rgb_images, tmp_path):
     out = run("caption", str(rgb_images[0]), cwd=tmp_path)
     assert out.returncode == 2 and "vlm-train --recipe toy" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_draft_flag_gives_the_same_answer_and_reports_the_speculation(tiny_adapter, rgb_images):
+    expected = vlm.load(tiny_adapter, device="cpu").ask(rgb_images[0], "What colour?", max_new_tokens=8)
+    common = ("-m", str(tiny_adapter), "--draft", str(tiny_adapter), "--max-new-tokens", "8")
+    out = run("ask", str(rgb_images[0]), "What colour?", *common, "--json")
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout)
+    assert answer["answer"] == expected
+    assert answer["speculation"]["acceptance_rate"] == 1.0  # the adapter drafting for itself agrees everywhere
+    assert answer["speculation"]["tokens_per_target_forward"] > 1.5
+    out = run("caption", str(rgb_images[0]), *common, "--draft-length", "3")
+    assert out.returncode == 0, out.stderr
+    assert "100% of drafted tokens accepted" in out.stderr
+    out = run("ask", str(rgb_images[0]), "What colour?", *common, "--draft-length", "0")
+    assert out.returncode == 2 and "draft_length must be within 1..16" in out.stderr

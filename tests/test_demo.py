@@ -268,3 +268,13 @@ def test_example_images_are_served_from_gradio_cache_only(tiny_model, rgb_images
     assert example["text"] == "What colour is the shape?"
     assert served != rgb_images[0] and served.read_bytes() == rgb_images[0].read_bytes()
     assert served.is_relative_to(gr.utils.get_upload_folder())
+
+
+def test_the_header_names_the_draft(tiny_adapter):
+    """A model decoding with a draft says so at the top of the page."""
+    from demo.app import _description
+
+    alone = vlm.load(tiny_adapter, device="cpu")
+    assert "**Draft** none" in _description(alone)
+    drafted = vlm.load(tiny_adapter, device="cpu", draft=tiny_adapter)
+    assert "**Draft** `" in _description(drafted) and "speculative decoding" in _description(drafted)

@@ -40,6 +40,18 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default=DEFAULT_TOY_ADAPTER, help="adapter directory or preset name")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="bfloat16, float16 or float32")
+    _draft_args(parser)
+
+
+def _draft_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("speculative decoding")
+    group.add_argument(
+        "--draft", default=None, help="a smaller adapter (or preset) that drafts tokens for --model to check, e.g. "
+        "the 7B's for the 14B: the same answers, sooner",
+    )  # fmt: skip
+    group.add_argument(
+        "--draft-length", type=int, default=None, help="tokens drafted per round (default: adapted to the acceptance)"
+    )
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -63,7 +75,24 @@ def _load(args: argparse.Namespace, images: Sequence[str] = ()) -> Any:
             "miniature world's adapter first with `vlm-train --recipe toy` (it writes runs/toy in this directory)"
         )
     hf_logging.disable_progress_bar()
-    return vlm.load(args.model, device=args.device, dtype=args.dtype)
+    return vlm.load(args.model, device=args.device, dtype=args.dtype, draft=args.draft, draft_length=args.draft_length)
+
+
+def _speculation(model: Any) -> dict[str, Any]:
+    """The draft's statistics of the latest answer, as a JSON field (nothing without a draft)."""
+    stats = model.last_speculation if model.draft is not None else None
+    return {} if stats is None else {"speculation": stats.as_dict()}
+
+
+def _report_speculation(model: Any) -> None:
+    """One line on stderr after an answer with a draft: how much of the draft the model kept."""
+    stats = model.last_speculation if model.draft is not None else None
+    if stats is not None:
+        print(
+            f"(draft: {stats.acceptance_rate:.0%} of drafted tokens accepted, "
+            f"{stats.tokens_per_target_forward:.2f} tokens per forward of the model)",
+            file=sys.stderr,
+        )
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
@@ -71,18 +100,22 @@ def cmd_caption(args: argparse.Namespace) -> int:
     kwargs = _generation_kwargs(args)
     for image in args.images:
         text = model.caption(image, prompt=args.prompt, **kwargs)
-        print(
-            json.dumps({"image": image, "caption": text})
-            if args.json
-            else (f"{image}\t{text}" if len(args.images) > 1 else text)
-        )
+        if args.json:
+            print(json.dumps({"image": image, "caption": text, **_speculation(model)}))
+        else:
+            print(f"{image}\t{text}" if len(args.images) > 1 else text, flush=True)
+            _report_speculation(model)
     return 0
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
     model = _load(args, [args.image])
     answer = model.ask(args.image, args.question, **_generation_kwargs(args))
-    print(json.dumps({"image": args.image, "question": args.question, "answer": answer}) if args.json else answer)
+    if args.json:
+        print(json.dumps({"image": args.image, "question": args.question, "answer": answer, **_speculation(model)}))
+    else:
+        print(answer, flush=True)
+        _report_speculation(model)
     return 0
 
 
@@ -162,7 +195,9 @@ def _turn(
             messages.pop()
             return False
     reply = "".join(pieces)
-    print(json.dumps({"role": "assistant", "content": reply}) if as_json else "", flush=True)
+    print(json.dumps({"role": "assistant", "content": reply, **_speculation(model)}) if as_json else "", flush=True)
+    if not as_json:
+        _report_speculation(model)
     messages.append({"role": "assistant", "content": reply})
     return True
 
@@ -218,7 +253,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # needs gradio, only this command does, so it is imported here and nowhere else.
     from demo.app import launch
 
-    launch(model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype)
+    launch(
+        model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype, draft=args.draft,
+        draft_length=args.draft_length,
+    )  # fmt: skip
     return 0
 
 
@@ -250,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     _generation_args(p)
     p.set_defaults(func=cmd_chat)
 
+    _interop_commands(sub)
+    _demo_command(sub)
+    return parser
+
+
+def _interop_commands(sub: Any) -> None:
+    """`export` and `import-llava`."""
     p = sub.add_parser("export", help="export an adapter to another runtime")
     p.add_argument("model", help="adapter directory")
     p.add_argument("--to", choices=["llava-hf", "gguf-mmproj"], required=True)
@@ -273,14 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output adapter directory")
     p.set_defaults(func=cmd_import_llava)
 
+
+def _demo_command(sub: Any) -> None:
     p = sub.add_parser("demo", help="launch the Gradio chat demo")
     p.add_argument("--model", "-m", default=None, help="adapter directory (default: the miniature world's)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
+    _draft_args(p)
     p.set_defaults(func=cmd_demo)
-    return parser
 
 
 def _format_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> str:
