@@ -20,12 +20,13 @@ import argparse
 import gc
 import hashlib
 import json
+import random
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
@@ -35,6 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vlm.api import VisionLanguageModel
 from vlm.config import AdapterConfig
 from vlm.generation import GenerationOptions
+from vlm.generation.loop import Decoding, Stops
+from vlm.generation.sampling import TokenSelector
+from vlm.generation.speculative import DraftLength, SpeculativeDecoder, generate_tokens_speculative
 from vlm.modeling.towers import HFCLIPTower
 
 SHAPES = {
@@ -44,7 +48,11 @@ SHAPES = {
            "vocab_size": 151936, "rms_norm_eps": 1e-5},
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
              "vocab_size": 160, "rms_norm_eps": 1e-6},
+    "tiny-draft": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                   "vocab_size": 160, "rms_norm_eps": 1e-6},
 }  # fmt: skip
+DRAFTS = {"14b": "7b", "tiny": "tiny-draft"}
+"""The speculative section's pairs: target -> draft."""
 CLIP_L336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
              "image_size": 336, "patch_size": 14}  # fmt: skip
 CLIP_TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
@@ -67,27 +75,35 @@ class _Vision(HFCLIPTower):
         self.freeze()
 
 
-def build(size: str, device: torch.device, dtype: torch.dtype) -> tuple[VisionLanguageModel, Any]:
-    """(ours, stock) sharing every weight."""
+def build(
+    size: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    image_token_id: int | None = None,
+    vision: _Vision | None = None,
+) -> tuple[VisionLanguageModel, Any]:
+    """(ours, stock) sharing every weight. The image token's row defaults to the last; a `vision` tower given is
+    shared (a draft's)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     from projector_training.toy.tokenizer import build_tokenizer
 
-    tiny = size == "tiny"
+    tiny = size.startswith("tiny")
     lm_config = LlamaConfig(**SHAPES[size], max_position_embeddings=8192, tie_word_embeddings=False)
     lm_config._attn_implementation = "sdpa"
-    vision_config = CLIPVisionConfig(**(CLIP_TINY if tiny else CLIP_L336))
+    vision_config = CLIPVisionConfig(**(CLIP_TINY if tiny else CLIP_L336)) if vision is None else vision.model.config
     vision_config._attn_implementation = "sdpa"
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # allocate in the target dtype: a 14B fp32 detour would not fit an H100
     try:
         with torch.device(device):
             lm = LlamaForCausalLM(lm_config).eval()
-            vision = _Vision(CLIPVisionModel(vision_config))
+            vision = vision or _Vision(CLIPVisionModel(vision_config))
     finally:
         torch.set_default_dtype(default_dtype)
     tokenizer = build_tokenizer(["user assistant system image text"], vocab_size=256 + 20)
-    config = AdapterConfig(lm=f"random-{size}", vision_tower="random-clip", image_token_id=lm_config.vocab_size - 1)
+    image_token_id = lm_config.vocab_size - 1 if image_token_id is None else image_token_id
+    config = AdapterConfig(lm=f"random-{size}", vision_tower="random-clip", image_token_id=image_token_id)
     ours = VisionLanguageModel(config, vision, lm, tokenizer)
     ours.module.to(device)
     ours.module.projector.float()  # fp32 master weights, as in training
@@ -458,6 +474,187 @@ def bench_generation(
     return results
 
 
+def speculative_section(
+    size: str, target: VisionLanguageModel, device: torch.device, dtype: torch.dtype, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Build the draft beside `target` (sharing its tower and image token row, see `shared_image_row`) and
+    measure."""
+    draft_size = DRAFTS[size]
+    draft, _ = build(draft_size, device, dtype, image_token_id=target.config.image_token_id,
+                     vision=target.module.vision)  # fmt: skip
+    draft.processor.stop_ids, draft.suppress_ids = [-1], [draft.config.image_token_id]
+    # Random weights may pick any row; the target's rows past the draft's (the 14B has more) have no draft embedding
+    # (a real tokenizer stops below both).
+    rows = (SHAPES[draft_size]["vocab_size"], SHAPES[size]["vocab_size"])
+    target.suppress_ids = sorted({target.config.image_token_id, *range(*rows)})
+    plant_next_token_rule(target.module.lm, target.config.image_token_id)
+    return {
+        "target": size,
+        "draft": draft_size,
+        **bench_speculative(
+            target, draft, device,
+            tokens=16 if args.tiny else args.decode_tokens,
+            alphas=[float(a) for a in args.alphas.split(",")],
+            gammas=[int(g) for g in args.gammas.split(",")],
+            repeats=2 if args.tiny else args.repeats,
+        ),
+    }  # fmt: skip
+
+
+@torch.no_grad()
+def plant_next_token_rule(lm: torch.nn.Module, rows: int) -> None:
+    """Make greedy decoding of a random LM stable: id t's embedding gets a large random direction u_t, and the
+    output row of id f(t) = (7919 t + 1) mod `rows` is u_t, so after any id below `rows` the argmax is f(t) by a
+    wide margin. Fully random logits are near-ties that a forward over several positions rounds differently in
+    bf16, so a plain run's greedy tokens would not be what the checking forward picks; the shapes, and so the
+    speed, are unchanged."""
+    embeddings, output = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight
+    generator = torch.Generator(device=embeddings.device).manual_seed(0)
+    ids = torch.arange(rows, device=embeddings.device)
+    for chunk in ids.split(16384):  # (C, H) at a time: the whole table in fp32 would be 3 GB at 14B
+        directions = torch.randn((len(chunk), embeddings.shape[1]), generator=generator, device=chunk.device)
+        directions = directions / directions.norm(dim=1, keepdim=True)
+        embeddings[chunk] = (directions * 1e4).to(embeddings.dtype)
+        output[(chunk * 7919 + 1) % rows] = directions.to(output.dtype)
+
+
+def shared_image_row(size: str) -> int:
+    """An image token row that the target and its draft both have (the 7B has fewer rows than the 14B)."""
+    return min(SHAPES[size]["vocab_size"], SHAPES[DRAFTS[size]]["vocab_size"]) - 1
+
+
+class ControlledDraft(SpeculativeDecoder):
+    """Random drafts agree with nothing, so acceptance is set instead: the draft's forward passes run as always,
+    but the id it proposes is the target's own greedy id at that position (`reference`, from a plain run) with
+    probability `alpha`, else another id."""
+
+    reference: ClassVar[list[int]] = []
+    alpha: ClassVar[float] = 1.0
+    rng: ClassVar[random.Random] = random.Random(0)
+
+    def propose(self, scores: torch.Tensor, index: int) -> torch.Tensor:
+        position = self.emitted + index  # the index of this drafted token among the answer's
+        wanted = self.reference[min(position, len(self.reference) - 1)]
+        if self.rng.random() >= self.alpha:
+            wanted = (wanted + 1) % 200  # another id, below every model's spare rows
+        return torch.full((scores.shape[0],), wanted, dtype=torch.long, device=scores.device)
+
+
+def _speculative_run(
+    target: VisionLanguageModel, draft: VisionLanguageModel, prompt: dict[str, Any], options: GenerationOptions
+) -> tuple[list[float], list[int], dict[str, Any]]:
+    """One greedy generation with the controlled draft (the facade's path, with `ControlledDraft` as the
+    decoder) -> arrival time of each token, the tokens, the decoder's statistics."""
+    ids, mask, pixels = prompt["input_ids"], prompt["attention_mask"], prompt["pixel_values"]
+    rows, width = ids.shape
+    engine = target.engine(rows, width + options.max_new_tokens)
+    draft_engine = draft.engine(rows, width + options.max_new_tokens)
+    features = target.module.image_features(pixels, graphed=engine.use_cuda_graph)
+    embeds = (target.module.embed(ids, None, features=features), draft.module.embed(ids, None, features=features))
+    selectors = tuple(TokenSelector(options, m.tokenizer, m.suppress_ids, target.device) for m in (target, draft))
+    decoder, logits = ControlledDraft.prefill(
+        (engine, draft_engine), embeds, ids, mask, selectors, DraftLength(target.draft_length)
+    )
+    stops = Stops([-1], rows, target.device)
+    stamps, tokens = [], []
+    for step in generate_tokens_speculative(decoder, logits, options, stops, pad_id=0):
+        stamps.append(time.perf_counter())
+        tokens.append(int(step[0]))
+    return stamps, tokens, decoder.stats.as_dict()
+
+
+def _plain_run(model: VisionLanguageModel, prompt: dict[str, Any], options: GenerationOptions) -> tuple[list, list]:
+    stamps, tokens = [], []
+    for step in model.generate_tokens(**prompt, options=options):
+        stamps.append(time.perf_counter())
+        tokens.append(int(step[0]))
+    return stamps, tokens
+
+
+def verify_cost(target: VisionLanguageModel, prompt: dict[str, Any], widths: Sequence[int], repeats: int) -> dict:
+    """Seconds of the target checking K positions in one forward (`extend`), relative to one decode step."""
+    device, ids = target.device, prompt["input_ids"]
+    engine = target.engine(1, ids.shape[1] + 64)
+    decoding = Decoding(engine, ids, prompt["attention_mask"])
+    engine.prefill(target.module.embed(ids, prompt["pixel_values"]), prompt["attention_mask"], decoding.position_ids)
+    start = engine.length
+    token = torch.zeros((1,), dtype=torch.long, device=device)
+
+    def step() -> None:
+        engine.step(token, torch.full((1,), start, device=device))
+        engine.rollback(start)
+
+    def extend(width: int) -> Callable[[], None]:
+        def run() -> None:
+            engine.extend(token.repeat(1, width), torch.arange(start, start + width, device=device)[None])
+            engine.rollback(start)
+
+        return run
+
+    one = timed(step, device, repeats * 4, warmup=3)
+    out: dict[str, Any] = {"step_ms": round(one * 1e3, 3)}
+    for width in widths:
+        out[str(width)] = round(timed(extend(width), device, repeats * 4, warmup=3) / one, 3)
+    return out
+
+
+@torch.inference_mode()
+def bench_speculative(
+    target: VisionLanguageModel,
+    draft: VisionLanguageModel,
+    device: torch.device,
+    tokens: int,
+    alphas: Sequence[float],
+    gammas: Sequence[int],
+    repeats: int,
+) -> dict[str, Any]:
+    """Greedy single-stream decoding of the target with the draft at controlled acceptance `alpha` and draft
+    length `gamma`, against the target alone, in the same run (see `ControlledDraft`)."""
+    for model in (target, draft):
+        model.module.projector.to(model.dtype)
+        model.decode_mode = "cuda_graph" if device.type == "cuda" else "static"
+    prompt = {k: v for k, v in inputs(target, 1, device).items() if k != "labels"}
+    options = GenerationOptions(max_new_tokens=tokens + 1)
+
+    def rate(stamps: list[float]) -> float:
+        return tokens / (stamps[-1] - stamps[0])
+
+    _plain_run(target, prompt, options)  # allocate the cache, capture the graphs
+    plain = [_plain_run(target, prompt, options) for _ in range(3)]
+    reference = plain[0][1]
+    _plain_run(draft, prompt, options)
+    draft_rate = max(rate(_plain_run(draft, prompt, options)[0]) for _ in range(3))
+    plain_rate = max(rate(stamps) for stamps, _ in plain)
+    results: dict[str, Any] = {
+        "tokens": tokens,
+        "plain_tokens_per_s": round(plain_rate, 1),
+        "draft_plain_tokens_per_s": round(draft_rate, 1),
+        "draft_step_cost": round(plain_rate / draft_rate, 3),  # a draft step's time over a target step's
+        "verify_cost": verify_cost(target, prompt, [g + 1 for g in gammas], repeats),
+        "runs": [],
+    }
+    ControlledDraft.reference = reference
+    for gamma in gammas:
+        target.draft_length = gamma
+        for alpha in alphas:
+            ControlledDraft.alpha, ControlledDraft.rng = alpha, random.Random(f"{gamma}/{alpha}")
+            _speculative_run(target, draft, prompt, options)  # this gamma's verify graph
+            runs = [_speculative_run(target, draft, prompt, options) for _ in range(max(2, repeats // 2))]
+            stamps, output, stats = max(runs, key=lambda run: rate(run[0]))
+            results["runs"].append({
+                "gamma": gamma, "alpha": alpha, "tokens_per_s": round(rate(stamps), 1),
+                "speedup": round(rate(stamps) / plain_rate, 3), "same_tokens_as_plain": output == reference,
+                "acceptance_rate": stats["acceptance_rate"],
+                "tokens_per_target_forward": stats["tokens_per_target_forward"],
+            })  # fmt: skip
+            print(json.dumps(results["runs"][-1]), file=sys.stderr, flush=True)
+    results["best"] = {
+        str(alpha): max((r for r in results["runs"] if r["alpha"] == alpha), key=lambda r: r["speedup"])
+        for alpha in alphas
+    }
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="14b,7b")
@@ -477,6 +674,11 @@ def main(argv: list[str] | None = None) -> int:
         help="ours' decode modes to measure, comma-separated (default: cuda_graph,compiled on GPU, static on CPU)",
     )
     parser.add_argument("--profile", action="store_true", help="add where the time goes (torch.profiler) per mode")
+    parser.add_argument(
+        "--speculative", action="store_true", help="the speculative section: 14b drafted by 7b (tiny: by tiny-draft)"
+    )
+    parser.add_argument("--alphas", default="1.0,0.9,0.8,0.6", help="speculative: controlled acceptance rates")
+    parser.add_argument("--gammas", default="2,3,4,6", help="speculative: draft lengths")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -498,7 +700,8 @@ def main(argv: list[str] | None = None) -> int:
     for size in sizes:
         torch.manual_seed(0)
         started = time.perf_counter()
-        ours, stock = build(size, device, dtype)
+        row = shared_image_row(size) if args.speculative and size in DRAFTS else None
+        ours, stock = build(size, device, dtype, image_token_id=row)
         entry: dict[str, Any] = {}
         if not args.skip_training:
             repeats = 2 if args.tiny else args.repeats
@@ -518,6 +721,8 @@ def main(argv: list[str] | None = None) -> int:
                 profile=args.profile,
             )
         )  # fmt: skip
+        if args.speculative and size in DRAFTS:
+            entry["speculative"] = speculative_section(size, ours, device, dtype, args)
         entry["wall_s"] = round(time.perf_counter() - started, 1)
         report["models"][size] = entry
         print(json.dumps({size: entry}), file=sys.stderr, flush=True)

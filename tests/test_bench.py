@@ -44,6 +44,27 @@ def test_tiny_benchmark_runs_and_reports_both_sides(tmp_path):
     assert all(p["wall_ms"] > 0 and len(p["heaviest"]) == 8 for p in profile.values())
 
 
+def test_tiny_speculative_section_runs_on_the_cpu(tmp_path):
+    """The speculative section in tiny shapes: every alpha x gamma, the target's own tokens each time, acceptance
+    that follows alpha (all drafts at 1.0), and the costs it reports."""
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--skip-training", "--skip-generation", "--speculative"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    section = json.loads(done.stdout)["models"]["tiny"]["speculative"]
+    assert (section["target"], section["draft"]) == ("tiny", "tiny-draft")
+    runs = section["runs"]
+    assert {(r["alpha"], r["gamma"]) for r in runs} == {(a, g) for a in (1.0, 0.9, 0.8, 0.6) for g in (2, 3, 4, 6)}
+    assert all(r["same_tokens_as_plain"] and r["tokens_per_s"] > 0 for r in runs)
+    assert all(r["acceptance_rate"] == 1.0 and r["tokens_per_target_forward"] > 2 for r in runs if r["alpha"] == 1.0)
+    assert min(r["acceptance_rate"] for r in runs if r["alpha"] == 0.6) < 0.9
+    assert section["draft_step_cost"] > 0 and set(section["verify_cost"]) == {"step_ms", "3", "4", "5", "7"}
+    assert set(section["best"]) == {"1.0", "0.9", "0.8", "0.6"}
+
+
 def load_bench():
     spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
