@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm.evaluation.files import question_key
+from vlm.evaluation.lmms_eval_model import strict_images
 from vlm.evaluation.scoring import score_answers
 from vlm.processing.images import load_image
 
@@ -32,6 +33,7 @@ def image_loader(image_folder: str) -> Callable[[dict[str, Any]], list[Any]]:
     """doc_to_visual for question files whose images are relative to `image_folder`."""
 
     def doc_to_visual(doc: dict[str, Any]) -> list[Any]:
+        strict_images()  # lmms-eval turns Pillow's truncated-image check off at import; vlm keeps it on
         return [load_image(Path(image_folder) / doc["image"])]
 
     return doc_to_visual

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from PIL import ImageFile
 
 from vlm.errors import VLMError
 
@@ -24,9 +25,16 @@ try:
 except ImportError:  # lmms-eval is an optional extra
     _LMMBase = object
 
-__all__ = ["CausalLMVLM", "to_messages"]
+__all__ = ["CausalLMVLM", "strict_images", "to_messages"]
 
 LMMS_EVAL_MISSING = 'the lmms-eval plugin needs lmms-eval: pip install -e ".[eval]"'
+
+
+def strict_images() -> None:
+    """Pillow's default again: lmms-eval's task module sets `ImageFile.LOAD_TRUNCATED_IMAGES = True` for the whole
+    process when it is imported, and `vlm.load_image` refuses to run that way (a truncated file would load as a
+    half-grey image); with the default, a truncated image is an error, as everywhere else in vlm."""
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 def to_messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
@@ -92,6 +100,7 @@ class CausalLMVLM(_LMMBase):  # type: ignore[misc, valid-type]
 
     def generate_until(self, requests: Sequence[Any]) -> list[str]:
         """Answer each request's conversation; requests with the same generation settings share batches."""
+        strict_images()
         answers: list[str] = [""] * len(requests)
         groups: dict[str, list[int]] = {}
         for i, request in enumerate(requests):
@@ -113,6 +122,7 @@ class CausalLMVLM(_LMMBase):  # type: ignore[misc, valid-type]
     def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
         """(log p(continuation | context and images), whether greedy decoding would write it) per request, with
         the continuation as the assistant's answer to the context as a user turn."""
+        strict_images()
         results = []
         for request in requests:
             context, target, doc_to_visual, doc_id, task, split = request.args
