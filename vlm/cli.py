@@ -1,4 +1,4 @@
-"""`vlm`: caption, ask, chat, export, import-llava and demo from the command line.
+"""`vlm`: caption, ask, chat, export, import-llava, eval and demo from the command line.
 
 User mistakes print one line (`vlm: error: ...`) and exit with status 2; there are no tracebacks
 unless `VLM_DEBUG=1` is set.
@@ -12,7 +12,7 @@ import os
 import shlex
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,8 @@ def _load(args: argparse.Namespace, images: Sequence[str] = ()) -> Any:
             "miniature world's adapter first with `vlm-train --recipe toy` (it writes runs/toy in this directory)"
         )
     hf_logging.disable_progress_bar()
-    return vlm.load(args.model, device=args.device, dtype=args.dtype, draft=args.draft, draft_length=args.draft_length)
+    draft = {k: getattr(args, k) for k in ("draft", "draft_length") if hasattr(args, k)}  # not on export
+    return vlm.load(args.model, device=args.device, dtype=args.dtype, **draft)
 
 
 def _speculation(model: Any) -> dict[str, Any]:
@@ -248,6 +249,73 @@ def cmd_import_llava(args: argparse.Namespace) -> int:
     return 0
 
 
+def _processes(device: str | None) -> tuple[int, int, Callable[[], None] | None, str | None]:
+    """(rank, world size, barrier, device) of this process: one process unless `accelerate launch` started several
+    (on the CPU when asked for or when there is no GPU, where the processes talk through gloo)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, None, None
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+    return state.process_index, state.num_processes, state.wait_for_everyone, str(state.device)
+
+
+def cmd_eval_answer(args: argparse.Namespace) -> int:
+    from vlm.evaluation.answer import answer_file
+    from vlm.evaluation.files import read_questions
+
+    read_questions(args.question_file)  # a bad file should not cost a model load
+    rank, world, barrier, device = _processes(args.device)
+    args.device = args.device or device
+    model = _load(args)
+    summary = answer_file(
+        model, args.question_file, args.answers_file, args.image_folder,
+        model_id=args.model_id or Path(args.model).name, batch_size=args.batch_size, num_chunks=args.num_chunks,
+        chunk_idx=args.chunk_idx, rank=rank, world=world, barrier=barrier, progress=not args.quiet,
+        **_generation_kwargs(args),
+    )  # fmt: skip
+    print(json.dumps({"answers_file": args.answers_file, "process": rank, **vars(summary)}), flush=True)
+    return 0
+
+
+def cmd_eval_score(args: argparse.Namespace) -> int:
+    from vlm.evaluation.scoring import score_files
+
+    report = json.dumps(score_files(args.metric, args.answers_file, args.annotation_file), indent=1)
+    if args.out:
+        Path(args.out).write_text(report + "\n")
+    print(report)
+    return 0
+
+
+def _eval_parser(sub: Any) -> None:
+    from vlm.evaluation.scoring import METRICS
+
+    evaluate = sub.add_parser("eval", help="answer LLaVA question files and score the answers").add_subparsers(
+        dest="eval_command", required=True
+    )
+    p = evaluate.add_parser("answer", help="answer a LLaVA question file into a LLaVA answer file (resumable)")
+    p.add_argument("--question-file", required=True, help="JSONL: question_id, image, text[, category]")
+    p.add_argument("--image-folder", default=".", help="the question file's image paths are relative to this")
+    p.add_argument("--answers-file", required=True, help="JSONL written (and resumed) here")
+    p.add_argument("--model-id", default=None, help="the answers' model_id (default: the adapter directory's name)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-chunks", type=int, default=1, help="as LLaVA: split the questions into this many chunks")
+    p.add_argument("--chunk-idx", type=int, default=0, help="as LLaVA: answer this chunk (from 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _model_args(p)
+    _generation_args(p)
+    p.set_defaults(func=cmd_eval_answer)
+
+    p = evaluate.add_parser("score", help="score an answer file with a benchmark's rule (JSON report)")
+    p.add_argument("metric", choices=list(METRICS))
+    p.add_argument("--answers-file", required=True)
+    p.add_argument("--annotation-file", action="append", required=True, help="gold labels by question_id (repeatable)")
+    p.add_argument("--out", default=None, help="also write the report here")
+    p.set_defaults(func=cmd_eval_score)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     # The one import of `demo` from `vlm` (allowed in the import contracts, pyproject.toml): the library never
     # needs gradio, only this command does, so it is imported here and nowhere else.
@@ -289,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     _interop_commands(sub)
+    _eval_parser(sub)
     _demo_command(sub)
     return parser
 
