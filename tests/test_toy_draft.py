@@ -140,3 +140,82 @@ def test_agreement_of_the_lm_with_itself_is_total_and_with_another_model_is_not(
     stranger = LlamaForCausalLM(target.config).eval()
     other = _agreement(stranger, target, encoder, config)
     assert other["n_tokens"] == itself["n_tokens"] and other["token_agreement"] < 0.5
+
+
+# ---------------------------------------------------------------- the toy-draft recipe
+
+SHARED = (
+    "vision_tower",
+    "vision_backend",
+    "vision_pretrained",
+    "select_layer",
+    "select_feature",
+    "image_aspect",
+    "vision_hidden_size",
+    "image_token",
+    "image_token_id",
+    "system_prompt",
+)
+"""What the target and draft adapters must agree on to run the tower once per image and prompt alike."""
+
+
+def test_the_draft_run_takes_the_target_runs_settings_but_its_own_lm_and_directory() -> None:
+    from projector_training.recipes import RECIPES
+    from projector_training.toy.recipe import draft_run_config
+
+    assert RECIPES["toy-draft"].output_dir == "runs/toy-draft"
+    assert draft_run_config(RECIPES["toy"]) == RECIPES["toy-draft"]
+    target = RECIPES["toy"].replace(output_dir="out/toy/", lm="my-lm", epochs=5, lr=3e-4, toy_world="micro")
+    draft = draft_run_config(target)
+    assert (draft.recipe, draft.output_dir, draft.lm) == ("toy-draft", "out/toy-draft", RECIPES["toy-draft"].lm)
+    assert (draft.epochs, draft.lr, draft.toy_world, draft.seed) == (5, 3e-4, "micro", target.seed)
+
+
+def test_same_answers_counts_identical_answers_per_set() -> None:
+    from projector_training.toy.evaluate import same_answers
+
+    target = {"captions": ["a red star", "a blue circle"], "vqa": ["red", "star", "small", "blue"]}
+    draft = {"captions": ["a red star", "a red circle"], "vqa": ["red", "star", "small", "Blue"]}
+    assert same_answers(draft, target) == {"captions": 0.5, "vqa": 0.75, "all": round(4 / 6, 4)}
+    assert same_answers(target, target) == {"captions": 1.0, "vqa": 1.0, "all": 1.0}
+    with pytest.raises(ValueError, match="not to the same questions"):
+        same_answers({"captions": ["a red star"], "vqa": draft["vqa"]}, target)
+
+
+def test_toy_recipe_aligns_a_loadable_draft_that_shares_the_targets_vision_settings(tmp_path, monkeypatch) -> None:
+    import json
+
+    import vlm
+    from projector_training.recipes import RECIPES
+    from projector_training.toy.recipe import run_toy, run_toy_draft
+
+    monkeypatch.setenv("VLM_TOY_CACHE", str(tmp_path / "cache"))
+    cfg = RECIPES["toy"].replace(toy_world="micro", output_dir=str(tmp_path / "toy"), report_to="none")
+    report = run_toy(cfg)
+    target_dir, draft_dir = tmp_path / "toy", tmp_path / "toy-draft"
+    world = ensure_toy_world(tmp_path / "cache" / "micro", config=ToyConfig.micro(), log=_quiet)
+    assert world.built == ()
+
+    target, draft = vlm.adapter.read_config(target_dir), vlm.adapter.read_config(draft_dir)
+    assert {n: getattr(draft, n) for n in SHARED} == {n: getattr(target, n) for n in SHARED}
+    assert (target.lm, draft.lm) == (str(world.lm_dir), str(world.draft_lm_dir))
+    assert draft.lm_hidden_size == ToyConfig.micro().draft_hidden != target.lm_hidden_size
+    model = vlm.load(draft_dir, device="cpu")
+    image = next(world.images_dir.iterdir())
+    assert isinstance(model.caption(image, max_new_tokens=4), str)
+
+    own = json.loads((draft_dir / "eval.json").read_text())
+    assert own["details"]["n"] == report["details"]["n"] and "answers" not in own["details"]
+    summary = report["draft"]
+    assert summary["dir"] == str(draft_dir) and summary["caption_exact_match"] == own["caption_exact_match"]
+    assert summary["lm_agreement"] == {k: world.draft_lm_metrics[k] for k in summary["lm_agreement"]}
+    assert set(summary["answers_equal_target"]) == {*report["details"]["n"], "all"}
+    assert all(0 <= v <= 1 for v in summary["answers_equal_target"].values()) and summary["speculative"] is None
+    assert json.loads((target_dir / "eval.json").read_text())["draft"] == summary
+
+    # `vlm-train --recipe toy-draft` alone: the same adapter (seeded), with nothing to compare it with.
+    alone = run_toy_draft(
+        RECIPES["toy-draft"].replace(toy_world="micro", output_dir=str(tmp_path / "alone"), report_to="none")
+    )
+    assert alone["answers_equal_target"] is None and alone["speculative"] is None
+    assert _sha(tmp_path / "alone" / "projector.safetensors") == _sha(draft_dir / "projector.safetensors")
