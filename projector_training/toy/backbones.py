@@ -137,7 +137,7 @@ class ToyConfig:
     embeddings, head and evenly spaced layers (DistilBERT's start); otherwise from scratch."""
     draft_heads: int = 4
     draft_intermediate: int = 344
-    draft_steps: int = 300
+    draft_steps: int = 150
     """Distillation steps on the LM's kind of corpus (answers only), short contexts first as for the LM."""
     draft_short_fraction: float = 0.3
     draft_batch_size: int = 32
