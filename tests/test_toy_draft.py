@@ -87,6 +87,12 @@ def test_draft_lm_loads_with_the_targets_tokenizer_and_rows(micro_world) -> None
     assert metrics["n_tokens"] >= config.lm_eval_prompts and 0 <= metrics["token_agreement"] <= 1
 
 
+def test_a_draft_deeper_than_the_lm_or_without_layers_is_refused() -> None:
+    for layers in (0, ToyConfig().lm_layers + 1):
+        with pytest.raises(ValueError, match="draft_layers must be 1 to lm_layers"):
+            ToyConfig(draft_layers=layers)
+
+
 def _tiny_llama(layers: int, seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(

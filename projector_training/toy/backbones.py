@@ -150,6 +150,8 @@ class ToyConfig:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.clip_layers < 2:
             raise ValueError("the CLIP needs at least 2 blocks: the adapter reads the second-to-last one")
+        if not 1 <= self.draft_layers <= self.lm_layers:
+            raise ValueError(f"draft_layers must be 1 to lm_layers ({self.lm_layers}); got {self.draft_layers}")
         if (
             self.clip_width % self.clip_head_width
             or self.lm_hidden % self.lm_heads

@@ -25,7 +25,15 @@ from projector_training.toy.evaluate import evaluate, headline, provenance, same
 from vlm.adapter import PROJECTOR_NAME
 from vlm.api import build_model, load
 
-__all__ = ["draft_run_config", "ensure_toy_adapter", "ensure_toy_draft", "run_toy", "run_toy_draft", "toy_config"]
+__all__ = [
+    "draft_run_config",
+    "ensure_toy_adapter",
+    "ensure_toy_draft",
+    "run_toy",
+    "run_toy_draft",
+    "speculative",
+    "toy_config",
+]
 
 logger = logging.getLogger("projector_training")
 
