@@ -81,8 +81,10 @@ RECIPES: dict[str, TrainConfig] = {
         report_to="tensorboard",
     ),
 }
-"""Recipe name -> its config. `lm`, `vision_tower`, `data` and `image_root` of `toy` are filled in by
-`projector_training.toy.recipe.run_toy` from the miniature world it builds."""
+RECIPES["toy-draft"] = RECIPES["toy"].replace(recipe="toy-draft", output_dir="runs/toy-draft")
+"""Recipe name -> its config. `lm`, `vision_tower`, `data` and `image_root` of `toy` and `toy-draft` are filled in by
+`projector_training.toy.recipe` from the miniature world it builds: `toy-draft` aligns a projector to the world's
+draft LM with the same tower and data (`vlm-train --recipe toy` runs it too, after `toy`)."""
 
 
 def toy_cache_dir() -> Path:

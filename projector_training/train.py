@@ -3,10 +3,11 @@
     vlm-train --recipe llava15-stage1-14b --data blip_laion_cc_sbu_558k.json --image-root images/
     accelerate launch --config_file configs/ddp.yaml -m projector_training --recipe ...   # several GPUs
     vlm-train --recipe toy                                                                 # offline demo
+    vlm-train --recipe toy-draft                                        # the demo's draft LM alone (toy runs it too)
 
 The command resolves the config (the recipe's values, then a YAML file, then flags) and runs it: `train` (run.py)
-for a recipe, or for `toy` the miniature world's build, alignment and evaluation. A user's mistake is one line on
-stderr and exit status 2 (`VLM_DEBUG=1` shows the traceback).
+for a recipe, or for `toy` and `toy-draft` the miniature world's build, alignment and evaluation. A user's mistake
+is one line on stderr and exit status 2 (`VLM_DEBUG=1` shows the traceback).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import yaml
 from projector_training.config import TrainConfig
 from projector_training.recipes import RECIPES
 from projector_training.run import train
-from projector_training.toy.recipe import run_toy
+from projector_training.toy.recipe import run_toy, run_toy_draft
 from vlm.errors import ConfigError, VLMError
 
 __all__ = ["build_parser", "main", "parse_args"]
@@ -130,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_args(argv)
         if cfg.recipe == "toy":
             run_toy(cfg)
+        elif cfg.recipe == "toy-draft":
+            run_toy_draft(cfg)
         else:
             train(cfg)
     except VLMError as e:

@@ -3,8 +3,8 @@ real vocabulary (Qwen-1's 151,643 ranks, which the `dashscope` wheel ships) besi
 CausalLM's 152,064 embedding rows.
 
 Everything is built and saved under a session temp dir; nothing touches the network. The `toy_adapter`
-fixture trains the miniature world's adapter once per session with `vlm-train --recipe toy` (about 5 minutes
-on 2 cores with nothing cached, 3 with the backbones cached); `VLM_TOY_ADAPTER=DIR` uses one already trained
+fixture trains the miniature world's adapter once per session with `vlm-train --recipe toy` (about 7 minutes
+on 2 cores with nothing cached, 4 with the backbones cached); `VLM_TOY_ADAPTER=DIR` uses one already trained
 and `-m "not toy"` deselects the tests that need it.
 """
 

@@ -39,6 +39,23 @@ def test_toy_recipe_aligns_the_projector(toy_adapter: Path) -> None:
     assert summary["final_loss"] < 0.2
 
 
+def test_toy_recipe_aligns_the_draft_too(toy_adapter: Path) -> None:
+    """The draft LM (half the LM's layers, distilled from it) proposes the LM's greedy tokens, and its own adapter,
+    aligned after the target's, meets the target's targets and writes the target's answers."""
+    report = json.loads((toy_adapter / "eval.json").read_text())
+    draft = report["draft"]
+    print(f"toy draft: {json.dumps(draft)}")
+    for name, target in TARGETS.items():
+        assert draft[name] >= target, (name, draft[name])
+    assert draft["lm_agreement"]["token_agreement"] >= 0.9 and draft["lm_context_accuracy"] >= 0.95
+    assert draft["lm_size"]["layer_cost_vs_teacher"] <= 0.5
+    assert draft["answers_equal_target"]["captions"] >= 0.9 and draft["answers_equal_target"]["vqa"] >= 0.9
+    draft_dir = Path(draft["dir"])
+    assert draft_dir == toy_adapter.with_name(f"{toy_adapter.name}-draft")
+    assert json.loads((draft_dir / "eval.json").read_text())["caption_exact_match"] == draft["caption_exact_match"]
+    assert json.loads((draft_dir / "summary.json").read_text())["final_loss"] < 0.2
+
+
 def test_vlm_caption_prints_held_out_captions(toy_adapter: Path, toy_world) -> None:
     records = load_records(toy_world.eval_captions_json)[:20]
     images = [str(toy_world.root / r["image"]) for r in records]

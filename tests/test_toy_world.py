@@ -299,9 +299,9 @@ def test_cache_reuses_and_rebuilds_what_is_stale(micro_world) -> None:
     from projector_training.toy import ToyConfig, ensure_toy_world
 
     root, config = micro_world.root, ToyConfig.micro()
-    markers = {name: (root / name / "done.json").stat().st_mtime_ns for name in ("world", "clip", "lm")}
+    markers = {name: (root / name / "done.json").stat().st_mtime_ns for name in ("world", "clip", "lm", "draft_lm")}
     clip_weights = _sha(micro_world.clip_dir / "open_clip_model.safetensors")
-    assert set(micro_world.built) == {"world", "clip", "lm"}
+    assert set(micro_world.built) == {"world", "clip", "lm", "draft_lm"}
 
     again = ensure_toy_world(root, config=config, log=lambda _: None)
     assert again.built == ()
@@ -314,10 +314,11 @@ def test_cache_reuses_and_rebuilds_what_is_stale(micro_world) -> None:
     assert rebuilt.built == ("clip",)
     assert _sha(rebuilt.clip_dir / "open_clip_model.safetensors") == clip_weights
 
-    # A changed setting rebuilds its piece (and, for the world, everything trained on it).
+    # A changed setting rebuilds its piece and the pieces learned from it (the draft from the LM, the CLIP from the
+    # world).
     changed = ToyConfig.micro()
     changed = type(changed)(**{**changed.__dict__, "lm_steps": changed.lm_steps + 1})
-    assert ensure_toy_world(root, config=changed, log=lambda _: None).built == ("lm",)
+    assert ensure_toy_world(root, config=changed, log=lambda _: None).built == ("lm", "draft_lm")
     changed = type(changed)(**{**changed.__dict__, "n_train": changed.n_train + 72})
     assert ensure_toy_world(root, config=changed, log=lambda _: None).built == ("world", "clip")
 

@@ -1,10 +1,11 @@
-"""Train and cache the miniature world's frozen backbones: a tiny open_clip ViT and a tiny Llama LM.
+"""Train and cache the miniature world's frozen backbones: a tiny open_clip ViT, a tiny Llama LM and its draft.
 
 `ensure_toy_world(root)` builds, under `root`:
 
-    world/   images + LLaVA records (`world.build_world`)
-    clip/    open_clip local-dir checkpoint, trained contrastively on the world's training captions
-    lm/      `LlamaForCausalLM` + tokenizer, trained on ChatML text whose answers must be read from context
+    world/     images + LLaVA records (`world.build_world`)
+    clip/      open_clip local-dir checkpoint, trained contrastively on the world's training captions
+    lm/        `LlamaForCausalLM` + tokenizer, trained on ChatML text whose answers must be read from context
+    draft_lm/  a half-depth `LlamaForCausalLM` distilled from lm/, same tokenizer and rows: the speculative draft
 
 Each piece ends with a `done.json` (its metrics and a hash of the settings it depends on) written
 last, so an interrupted build is redone and a changed setting rebuilds that piece and those after it.
@@ -22,6 +23,11 @@ An LM that reads its context this way gives the projector a job it can do: write
 into the slots. (One trained on answers alone ignores context, and no projector can steer it.) As in
 the adapter's training, the loss covers the answers only; with the loss on every token a tiny LM
 spends its steps on the template and learns the question -> attribute lookup many times slower.
+
+The draft LM stands to the LM as CausalLM's 7B to its 14B: a cheaper model for speculative decoding, whose
+proposals the LM accepts as often as their greedy next tokens agree. It starts as the LM with every other layer
+dropped (DistilBERT's start) and is distilled on the LM's kind of conversations: KL to the LM's next-token
+distribution at the answer tokens, where a draft proposes, plus some cross-entropy on the right answers.
 """
 
 from __future__ import annotations
@@ -122,14 +128,35 @@ class ToyConfig:
     lm_batch_size: int = 32
     lm_lr: float = 2e-3
     lm_eval_prompts: int = 400
-    """Held-out text prompts for the LM's context-reading accuracy."""
+    """Held-out text prompts for the LM's context-reading accuracy (and the draft's agreement with the LM)."""
+
+    draft_layers: int = 2
+    """The draft LM's decoder layers: half the LM's, as the 7B costs about half the 14B per token."""
+    draft_hidden: int = 128
+    """The draft's width, its projector's output size. Equal to `lm_hidden`, the draft starts as a copy of the LM's
+    embeddings, head and evenly spaced layers (DistilBERT's start); otherwise from scratch."""
+    draft_heads: int = 4
+    draft_intermediate: int = 344
+    draft_steps: int = 150
+    """Distillation steps on the LM's kind of corpus (answers only), short contexts first as for the LM."""
+    draft_short_fraction: float = 0.3
+    draft_batch_size: int = 32
+    draft_lr: float = 1e-3
+    draft_ce_weight: float = 0.5
+    """Weight of the cross-entropy on the right answers beside the KL to the LM's next-token distribution."""
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.clip_layers < 2:
             raise ValueError("the CLIP needs at least 2 blocks: the adapter reads the second-to-last one")
-        if self.clip_width % self.clip_head_width or self.lm_hidden % self.lm_heads:
+        if not 1 <= self.draft_layers <= self.lm_layers:
+            raise ValueError(f"draft_layers must be 1 to lm_layers ({self.lm_layers}); got {self.draft_layers}")
+        if (
+            self.clip_width % self.clip_head_width
+            or self.lm_hidden % self.lm_heads
+            or self.draft_hidden % self.draft_heads
+        ):
             raise ValueError("widths must be multiples of the head widths / head counts")
 
     @classmethod
@@ -154,6 +181,12 @@ class ToyConfig:
             lm_steps=3,
             lm_batch_size=8,
             lm_eval_prompts=8,
+            draft_layers=1,
+            draft_hidden=16,
+            draft_heads=2,
+            draft_intermediate=32,
+            draft_steps=3,
+            draft_batch_size=8,
         )
 
     @property
@@ -181,8 +214,13 @@ class ToyWorld:
     """Held-out zero-shot caption retrieval: `accuracy` and per-attribute accuracies."""
     lm_metrics: dict[str, Any]
     """Greedy exact match on held-out description-in-context prompts: `accuracy` and per task."""
+    draft_lm_dir: Path
+    """The draft LM distilled from the LM (`from_pretrained`), with the same tokenizer and embedding rows."""
+    draft_lm_metrics: dict[str, Any]
+    """As `lm_metrics` for the draft, plus its greedy agreement with the LM (`token_agreement`,
+    `answer_agreement`), its size (`parameters`, `layer_cost_vs_teacher`) and the LM layers it started from."""
     built: tuple[str, ...]
-    """Pieces built by this call (the others were reused): a subset of ("world", "clip", "lm")."""
+    """Pieces built by this call (the others were reused): a subset of ("world", "clip", "lm", "draft_lm")."""
 
     @property
     def vision_tower(self) -> str:
@@ -592,6 +630,145 @@ def _check_lm_reload(model: LlamaForCausalLM, path: Path) -> None:
         raise RuntimeError(f"the LM saved in {path} does not reload to identical outputs")
 
 
+# ---------------------------------------------------------------- draft LM
+
+
+def _draft_config(config: ToyConfig, teacher: LlamaConfig) -> LlamaConfig:
+    """The draft's architecture: the teacher's vocabulary rows, special ids and norms, its own depth and width."""
+    return LlamaConfig(
+        vocab_size=teacher.vocab_size,
+        hidden_size=config.draft_hidden,
+        intermediate_size=config.draft_intermediate,
+        num_hidden_layers=config.draft_layers,
+        num_attention_heads=config.draft_heads,
+        num_key_value_heads=config.draft_heads,
+        max_position_embeddings=teacher.max_position_embeddings,
+        rms_norm_eps=teacher.rms_norm_eps,
+        tie_word_embeddings=False,
+        bos_token_id=teacher.bos_token_id,
+        eos_token_id=teacher.eos_token_id,
+        pad_token_id=teacher.pad_token_id,
+    )
+
+
+@torch.no_grad()
+def _init_from_teacher(draft: LlamaForCausalLM, teacher: LlamaForCausalLM) -> list[int]:
+    """Start the draft as a shallower copy of the teacher, as DistilBERT does: its embeddings, final norm and head,
+    and evenly spaced decoder layers (the first and the last always). Returns the teacher layers taken."""
+    n_teacher, n_draft = len(teacher.model.layers), len(draft.model.layers)
+    taken = [round(k * (n_teacher - 1) / max(1, n_draft - 1)) for k in range(n_draft)]
+    draft.model.embed_tokens.load_state_dict(teacher.model.embed_tokens.state_dict())
+    draft.model.norm.load_state_dict(teacher.model.norm.state_dict())
+    draft.lm_head.load_state_dict(teacher.lm_head.state_dict())
+    for layer, source in zip(draft.model.layers, taken, strict=True):
+        layer.load_state_dict(teacher.model.layers[source].state_dict())
+    return taken
+
+
+def _distillation_loss(
+    draft_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, ce_weight: float
+) -> torch.Tensor:
+    """KL(teacher || draft) of the next-token distributions at the answer positions, plus `ce_weight` times the
+    usual cross-entropy there: the answers are where the draft will propose tokens."""
+    targets = labels[:, 1:]  # (B, T-1): the token each position predicts
+    scored = targets != IGNORE_INDEX
+    draft_log_p = draft_logits[:, :-1][scored].float().log_softmax(dim=-1)  # (N, V)
+    teacher_log_p = teacher_logits[:, :-1][scored].float().log_softmax(dim=-1)  # (N, V)
+    kl = nn.functional.kl_div(draft_log_p, teacher_log_p, log_target=True, reduction="batchmean")
+    return kl + ce_weight * nn.functional.nll_loss(draft_log_p, targets[scored])
+
+
+@torch.no_grad()
+def _agreement(
+    draft: LlamaForCausalLM, teacher: LlamaForCausalLM, encoder: _Encoder, config: ToyConfig
+) -> dict[str, Any]:
+    """How often the draft's greedy next token equals the teacher's along the teacher's own greedy answers to the
+    held-out prompts of `_evaluate_lm` (the closing `<|im_end|>` included): per token, the chance that greedy
+    speculative decoding accepts a drafted token; per answer, that it accepts a whole answer."""
+    rng = random.Random(f"{config.seed}/lm-eval")
+    examples = [_example(rng, config.num_patches) for _ in range(config.lm_eval_prompts)]
+    draft.eval()
+    teacher.eval()
+    tokens, answers = [], []
+    for start in range(0, len(examples), 64):
+        prompts = [encoder.prompt(e) for e in examples[start : start + 64]]
+        continuations = [[*c, encoder.im_end] for c in _greedy(teacher, encoder, prompts, max_new=12)]
+        rows = [p + c for p, c in zip(prompts, continuations, strict=True)]
+        width = max(len(r) for r in rows)
+        input_ids = torch.tensor([r + [encoder.im_end] * (width - len(r)) for r in rows])  # (B, T)
+        attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])  # (B, T)
+        inputs = {"input_ids": input_ids.to(draft.device), "attention_mask": attention_mask.to(draft.device)}
+        same = draft(**inputs).logits.argmax(-1) == teacher(**inputs).logits.argmax(-1)  # (B, T)
+        for b, (prompt, continuation) in enumerate(zip(prompts, continuations, strict=True)):
+            # Position i predicts token i + 1: the continuation's tokens are predicted from len(prompt) - 1 on.
+            hits = same[b, len(prompt) - 1 : len(prompt) - 1 + len(continuation)].tolist()
+            tokens += hits
+            answers.append(all(hits))
+    return {
+        "token_agreement": round(float(np.mean(tokens)), 4),
+        "answer_agreement": round(float(np.mean(answers)), 4),
+        "n_tokens": len(tokens),
+    }
+
+
+def _train_draft_lm(config: ToyConfig, lm_dir: Path, out: Path, log: Log, device: torch.device) -> dict[str, Any]:
+    _seed_everything(config.seed)
+    rng = random.Random(f"{config.seed}/draft-train")
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
+    encoder = _Encoder(tokenizer)
+    teacher = AutoModelForCausalLM.from_pretrained(lm_dir).to(device).eval().requires_grad_(False)
+    draft = LlamaForCausalLM(_draft_config(config, teacher.config))
+    if config.draft_hidden == teacher.config.hidden_size:
+        taken = _init_from_teacher(draft, teacher)
+    else:
+        taken = None
+        _pair_word_forms(draft, tokenizer)
+    draft = draft.to(device)
+    optimizer = torch.optim.AdamW(draft.parameters(), lr=config.draft_lr, weight_decay=0.0)
+    start = time.perf_counter()
+    draft.train()
+    for step in range(config.draft_steps):
+        slots = config.num_patches if step >= config.draft_steps * config.draft_short_fraction else SHORT_CONTEXT
+        examples = [_example(rng, slots) for _ in range(config.draft_batch_size)]
+        batch = {k: v.to(device) for k, v in _lm_batch(encoder, examples, teacher.config.pad_token_id).items()}
+        labels = batch.pop("labels")
+        with torch.no_grad():
+            teacher_logits = teacher(**batch).logits  # (B, T, V)
+        for group in optimizer.param_groups:
+            group["lr"] = _cosine_lr(step, config.draft_steps, config.draft_lr)
+        loss = _distillation_loss(draft(**batch).logits, teacher_logits, labels, config.draft_ce_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
+        optimizer.step()
+        if step % 50 == 0 or step == config.draft_steps - 1:
+            log(f"  draft step {step}/{config.draft_steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)")
+    train_seconds = round(time.perf_counter() - start, 1)
+
+    metrics = _evaluate_lm(draft, encoder, config)
+    metrics.update(_agreement(draft, teacher, encoder, config))
+    metrics.update(train_seconds=train_seconds, initialised_from_layers=taken, **_sizes(draft, teacher))
+    out.mkdir(parents=True)
+    draft = draft.cpu()
+    draft.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    _check_lm_reload(draft, out)
+    return metrics
+
+
+def _sizes(draft: LlamaForCausalLM, teacher: LlamaForCausalLM) -> dict[str, Any]:
+    """Parameter counts, and the draft's decoder-layer compute per token relative to the teacher's."""
+
+    def layer_params(model: LlamaForCausalLM) -> int:
+        return sum(p.numel() for p in model.model.layers.parameters())
+
+    return {
+        "parameters": sum(p.numel() for p in draft.parameters()),
+        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+        "layer_cost_vs_teacher": round(layer_params(draft) / layer_params(teacher), 3),
+    }
+
+
 # ---------------------------------------------------------------- caching
 
 
@@ -599,6 +776,23 @@ def _fingerprint(config: ToyConfig, fields: Sequence[str], upstream: str = "") -
     values = {name: getattr(config, name) for name in fields}
     key = json.dumps([BUILD_VERSION, values, upstream], sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _fingerprints(config: ToyConfig) -> dict[str, str]:
+    """Each piece's fingerprint: the settings it is built from, and the fingerprint of the piece it learns from."""
+
+    def prefixed(prefix: str) -> list[str]:
+        return [f.name for f in dataclasses.fields(config) if f.name.startswith(prefix)]
+
+    world = _fingerprint(config, ["seed", "n_train", "n_eval", "image_size"])
+    lm = _fingerprint(config, [*prefixed("lm_"), "vocab_size", "seed", "image_size", "patch_size"])
+    draft_fields = [*prefixed("draft_"), "seed", "image_size", "patch_size", "lm_eval_prompts"]
+    return {
+        "world": world,
+        "clip": _fingerprint(config, [*prefixed("clip_"), "patch_size", "seed"], world),
+        "lm": lm,
+        "draft_lm": _fingerprint(config, draft_fields, lm),
+    }
 
 
 def _cached(directory: Path, fingerprint: str) -> dict[str, Any] | None:
@@ -649,14 +843,11 @@ def ensure_toy_world(
         )
         return {"n_train_images": config.n_train, "n_eval_images": config.n_eval}
 
-    world_fp = _fingerprint(config, ["seed", "n_train", "n_eval", "image_size"])
-    clip_fields = [f.name for f in dataclasses.fields(config) if f.name.startswith("clip_")] + ["patch_size", "seed"]
-    clip_fp = _fingerprint(config, clip_fields, world_fp)
-    lm_fields = [f.name for f in dataclasses.fields(config) if f.name.startswith("lm_")]
-    lm_fp = _fingerprint(config, [*lm_fields, "vocab_size", "seed", "image_size", "patch_size"])
-    piece("world", world_fp, build_world_piece)
-    piece("clip", clip_fp, lambda d: _train_clip(config, world_files, d, log, device))
-    piece("lm", lm_fp, lambda d: _train_lm(config, d, log, device))
+    fingerprints = _fingerprints(config)
+    piece("world", fingerprints["world"], build_world_piece)
+    piece("clip", fingerprints["clip"], lambda d: _train_clip(config, world_files, d, log, device))
+    piece("lm", fingerprints["lm"], lambda d: _train_lm(config, d, log, device))
+    piece("draft_lm", fingerprints["draft_lm"], lambda d: _train_draft_lm(config, root / "lm", d, log, device))
     return ToyWorld(
         root=root,
         world_dir=world_files.root,
@@ -669,5 +860,7 @@ def ensure_toy_world(
         num_image_tokens=config.num_patches,
         clip_metrics=pieces["clip"],
         lm_metrics=pieces["lm"],
+        draft_lm_dir=root / "draft_lm",
+        draft_lm_metrics=pieces["draft_lm"],
         built=tuple(built),
     )

@@ -21,7 +21,7 @@ import torch
 from projector_training.data import load_records, record_to_messages
 from projector_training.toy.world import ATTRIBUTES, NEGATIVE_SAMPLING, WorldFiles, parse_caption
 
-__all__ = ["evaluate", "headline", "normalise", "pope_answer", "pope_scores", "provenance"]
+__all__ = ["evaluate", "headline", "normalise", "pope_answer", "pope_scores", "provenance", "same_answers"]
 
 MAX_NEW_TOKENS = 12
 
@@ -77,8 +77,11 @@ def _by(rows: list[tuple[dict[str, Any], bool]], key: str) -> dict[str, float]:
     return {name: _mean(hits) for name, hits in sorted(groups.items())}
 
 
-def evaluate(model: Any, world_dir: str | Path, batch_size: int = 48, limit: int | None = None) -> dict[str, Any]:
-    """Greedy answers to every held-out set of the world in `world_dir`; `limit` caps the records per set."""
+def evaluate(
+    model: Any, world_dir: str | Path, batch_size: int = 48, limit: int | None = None, keep_answers: bool = False
+) -> dict[str, Any]:
+    """Greedy answers to every held-out set of the world in `world_dir`; `limit` caps the records per set.
+    `keep_answers` adds every answer, per set in order (`answers`), to compare two models with `same_answers`."""
     files = WorldFiles.at(Path(world_dir))
     asked = {name: _asked(load_records(path)[:limit], files.root) for name, path in files.eval_sets.items()}
     flat = [item for items in asked.values() for item in items]
@@ -107,7 +110,18 @@ def evaluate(model: Any, world_dir: str | Path, batch_size: int = 48, limit: int
         report["pope"][sampling] = pope_scores([p for _, p, _ in split], [g for _, _, g in split])
     report["pope_attributes"] = _by([(m, pope_answer(p) == normalise(g)) for m, p, g in yesno], "attribute")
     report["examples"] = [{"gold": g, "predicted": p} for _, p, g in captions[:5]]
+    if keep_answers:
+        report["answers"] = {name: [p for _, p, _ in rows] for name, rows in results.items()}
     return report
+
+
+def same_answers(answers: dict[str, list[str]], reference: dict[str, list[str]]) -> dict[str, float]:
+    """The share of held-out answers (`evaluate(..., keep_answers=True)["answers"]`) written exactly as in
+    `reference`, per set and over all (`all`)."""
+    if answers.keys() != reference.keys() or any(len(answers[k]) != len(reference[k]) for k in answers):
+        raise ValueError("the two sets of answers are not to the same questions")
+    same = {name: [a == r for a, r in zip(answers[name], reference[name], strict=True)] for name in answers}
+    return {**{name: _mean(hits) for name, hits in same.items()}, "all": _mean([h for v in same.values() for h in v])}
 
 
 def headline(report: dict[str, Any]) -> dict[str, float]:

@@ -1,7 +1,12 @@
-"""The `toy` recipe end to end, offline: build (or reuse) the miniature world, align, evaluate before and after.
+"""The `toy` and `toy-draft` recipes end to end, offline: build (or reuse) the miniature world, align, evaluate.
 
-`vlm-train --recipe toy` runs `run_toy`; `ensure_toy_adapter` trains the toy adapter where it is missing (the
-demo's default model).
+`vlm-train --recipe toy` runs `run_toy`: it aligns a projector to the world's LM (the target, in `output_dir`,
+evaluated before and after) and then one to the world's draft LM (in `<output_dir>-draft`, `runs/toy-draft` by
+default) with the same tower, select layer, preprocessing, data and settings, so that the two adapters can share
+one image encoding when the draft proposes tokens for the target (speculative decoding, issue 19). Each writes its
+eval.json; the target's holds the draft's headline numbers under `draft`. `vlm-train --recipe toy-draft` aligns the
+draft alone (`run_toy_draft`). `ensure_toy_adapter` and `ensure_toy_draft` train what is missing (the demo's
+default model).
 """
 
 from __future__ import annotations
@@ -16,20 +21,31 @@ from typing import Any
 from projector_training.config import TrainConfig, adapter_config
 from projector_training.recipes import RECIPES, toy_world_dir
 from projector_training.run import init_projector, train
-from projector_training.toy.evaluate import evaluate, headline, provenance
+from projector_training.toy.evaluate import evaluate, headline, provenance, same_answers
 from vlm.adapter import PROJECTOR_NAME
 from vlm.api import build_model, load
 
-__all__ = ["ensure_toy_adapter", "run_toy", "toy_config"]
+__all__ = [
+    "draft_run_config",
+    "ensure_toy_adapter",
+    "ensure_toy_draft",
+    "run_toy",
+    "run_toy_draft",
+    "speculative",
+    "toy_config",
+]
 
 logger = logging.getLogger("projector_training")
 
+DRAFT_SUFFIX = "-draft"
+"""The draft adapter's directory is the target's with this suffix: `runs/toy` -> `runs/toy-draft`."""
+
 
 def toy_config(cfg: TrainConfig, world: Any) -> TrainConfig:
-    """The toy recipe pointed at a built miniature world (fields the user set explicitly are kept)."""
-    defaults = RECIPES["toy"]
+    """The toy (or toy-draft) recipe pointed at a built miniature world (fields the user set explicitly are kept)."""
+    defaults = RECIPES[cfg.recipe]
     filled = {
-        "lm": str(world.lm_dir),
+        "lm": str(world.draft_lm_dir if cfg.recipe == "toy-draft" else world.lm_dir),
         "vision_tower": world.vision_tower,
         "data": str(world.train_json),
         "image_root": str(world.world_dir),
@@ -37,26 +53,51 @@ def toy_config(cfg: TrainConfig, world: Any) -> TrainConfig:
     return cfg.replace(**{k: v for k, v in filled.items() if getattr(cfg, k) == getattr(defaults, k)})
 
 
-def run_toy(cfg: TrainConfig) -> dict[str, Any]:
-    """Build the miniature world if needed (seeded by `cfg.seed`, like the alignment), align, evaluate every
-    held-out set before and after; writes eval.json."""
+def draft_run_config(cfg: TrainConfig) -> TrainConfig:
+    """The toy-draft run that goes with the toy run `cfg`: its settings, tower and data, the world's draft LM (never
+    the target's `lm`), in `<output_dir>-draft`."""
+    return cfg.replace(
+        recipe="toy-draft", lm=RECIPES["toy-draft"].lm, output_dir=f"{Path(cfg.output_dir)}{DRAFT_SUFFIX}"
+    )
+
+
+def _world(cfg: TrainConfig) -> Any:
+    """The miniature world of `cfg` (seeded by `cfg.seed`, like the alignment), built where missing."""
     # Here, not at the top: the world's builder needs open_clip, which vlm-train's other recipes do without.
     from projector_training.toy import ToyConfig, ensure_toy_world
 
-    started = time.time()
     world_config = ToyConfig.micro() if cfg.toy_world == "micro" else ToyConfig()
-    world = ensure_toy_world(
+    return ensure_toy_world(
         toy_world_dir(cfg), config=dataclasses.replace(world_config, seed=cfg.seed), log=logger.info
     )
-    cfg = toy_config(cfg, world)
 
-    before_model = build_model(adapter_config(cfg), device="cpu")
-    init_projector(before_model.module, cfg)
+
+def _align(cfg: TrainConfig, world: Any) -> tuple[Path, dict[str, Any]]:
+    """Train the projector of `cfg` and evaluate the adapter on every held-out set, keeping its answers."""
+    run_dir = train(cfg)
+    return run_dir, evaluate(load(run_dir, device="cpu"), world.world_dir, keep_answers=True)
+
+
+def _write(run_dir: Path, report: dict[str, Any]) -> None:
+    (run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "details"}, indent=2))
+
+
+def run_toy(cfg: TrainConfig) -> dict[str, Any]:
+    """Build the miniature world if needed, align the target and evaluate every held-out set before and after, then
+    align and evaluate the draft (`run_toy_draft`); writes both eval.json files and returns the target's report."""
+    started = time.time()
+    world = _world(cfg)
+    target_cfg = toy_config(cfg, world)
+
+    before_model = build_model(adapter_config(target_cfg), device="cpu")
+    init_projector(before_model.module, target_cfg)
     before = evaluate(before_model, world.world_dir)
     del before_model
 
-    run_dir = train(cfg)
-    after = evaluate(load(run_dir, device="cpu"), world.world_dir)
+    run_dir, after = _align(target_cfg, world)
+    answers = after.pop("answers")
+    draft = run_toy_draft(draft_run_config(cfg), world=world, target_dir=run_dir, target_answers=answers)
     report = {
         **headline(after),
         "before": headline(before),
@@ -64,21 +105,78 @@ def run_toy(cfg: TrainConfig) -> dict[str, Any]:
         "clip_zero_shot": world.clip_metrics.get("accuracy"),
         "lm_context_accuracy": world.lm_metrics.get("accuracy"),
         "lm_context": {k: v for k, v in world.lm_metrics.items() if k.endswith("_accuracy")},
+        "draft": {k: v for k, v in draft.items() if k not in ("details", "versions", "cpu", "commit")},
         "seed": cfg.seed,
         **provenance(),
         "seconds_total": round(time.time() - started, 1),
     }
-    (run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in report.items() if k != "details"}, indent=2))
+    _write(run_dir, report)
     return report
 
 
+def speculative(target_dir: Path, draft_dir: Path, world: Any) -> dict[str, Any] | None:
+    """The draft proposing for the target on the held-out sets: the acceptance rate and the mean tokens per target
+    forward. None until `vlm` decodes speculatively (issue 19); the report keeps the `speculative` key for it."""
+    return None
+
+
+def run_toy_draft(
+    cfg: TrainConfig,
+    *,
+    world: Any = None,
+    target_dir: Path | None = None,
+    target_answers: dict[str, list[str]] | None = None,
+) -> dict[str, Any]:
+    """Align a projector to the world's draft LM and evaluate it on every held-out set; writes its eval.json.
+
+    Given the target adapter and its held-out answers (`run_toy` passes them), the report says how many answers the
+    draft writes exactly as the target does (`answers_equal_target`: what greedy speculative decoding would accept
+    whole) and holds `speculative`; alone (`vlm-train --recipe toy-draft`) both are null."""
+    started = time.time()
+    world = world if world is not None else _world(cfg)
+    cfg = toy_config(cfg, world)
+    run_dir, after = _align(cfg, world)
+    answers = after.pop("answers")
+    lm = world.draft_lm_metrics
+    paired = target_dir is not None and target_answers is not None
+    report: dict[str, Any] = {
+        "dir": str(run_dir),
+        **headline(after),
+        "answers_equal_target": same_answers(answers, target_answers) if paired else None,
+        "speculative": speculative(target_dir, run_dir, world) if paired else None,
+        "details": after,
+        "lm_context_accuracy": lm.get("accuracy"),
+        "lm_agreement": {k: lm.get(k) for k in ("token_agreement", "answer_agreement", "n_tokens")},
+        "lm_size": {k: lm.get(k) for k in ("parameters", "teacher_parameters", "layer_cost_vs_teacher")},
+        "seed": cfg.seed,
+        **provenance(),
+        "seconds_total": round(time.time() - started, 1),
+    }
+    _write(run_dir, report)
+    return report
+
+
+def _start_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logger.setLevel(logging.INFO)
+
+
 def ensure_toy_adapter(run_dir: str | Path = "runs/toy") -> Path:
-    """The trained toy adapter, training it first (progress in the terminal) if it is missing."""
+    """The trained toy adapter, training it (and its draft) first (progress in the terminal) if it is missing."""
     run_dir = Path(run_dir)
     if not (run_dir / PROJECTOR_NAME).is_file():
-        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-        logger.setLevel(logging.INFO)
-        logger.info("no trained toy adapter in %s: training one (about 5 minutes on 2 CPU cores)", run_dir)
+        _start_logging()
+        logger.info("no trained toy adapter in %s: training one (about 7 minutes on 2 CPU cores)", run_dir)
         run_toy(RECIPES["toy"].replace(output_dir=str(run_dir)))
     return run_dir
+
+
+def ensure_toy_draft(run_dir: str | Path = "runs/toy") -> Path:
+    """The trained draft adapter of the toy adapter in `run_dir` (`<run_dir>-draft`), training what is missing."""
+    run_dir = ensure_toy_adapter(run_dir)
+    draft_cfg = draft_run_config(RECIPES["toy"].replace(output_dir=str(run_dir)))
+    if not (Path(draft_cfg.output_dir) / PROJECTOR_NAME).is_file():
+        _start_logging()
+        logger.info("no draft adapter in %s: training one (about 2 minutes on 2 CPU cores)", draft_cfg.output_dir)
+        run_toy_draft(draft_cfg)
+    return Path(draft_cfg.output_dir)

@@ -6,7 +6,7 @@ torch's AVX2 kernels (`ATEN_CPU_CAPABILITY`, and MKL's likewise): float results 
 instruction sets and a small training run amplifies that, so this stands in for another machine (those runs
 cache their backbones apart). Prints, and with `--out` writes, each run's headline scores and the minimum, mean
 and maximum of each over all runs, with the package versions and CPU kernels they were measured with. Not part
-of the test suite: about 5 minutes a run on 2 cores, nothing cached.
+of the test suite: about 7 minutes a run on 2 cores, nothing cached (the draft included).
 """
 
 from __future__ import annotations
