@@ -293,7 +293,7 @@ def test_a_stop_id_or_string_inside_an_accepted_run_ends_the_answer_there(tiny_m
         expected = tiny_model.ask(pictures[0], question, max_new_tokens=16)
         assert model.ask(pictures[0], question, max_new_tokens=16) == expected
         assert len(expected) < len(full)
-        assert model.last_speculation.tokens == at + 1  # the stop id (emitted, not shown) ended it
+        assert model.last_speculation.tokens == at  # the stop id (emitted, not shown) ended it; the first uncounted
     finally:
         for m in (model, tiny_model):
             m.processor.stop_ids = [i for i in m.processor.stop_ids if i != stop_id]
@@ -310,7 +310,7 @@ def test_max_new_tokens_cuts_the_answer_where_the_target_alone_does(tiny_model, 
     model.draft_length = 4
     expected = tiny_model.ask(pictures[1], "Describe the image.", max_new_tokens=max_new_tokens)
     assert model.ask(pictures[1], "Describe the image.", max_new_tokens=max_new_tokens) == expected
-    assert model.last_speculation.tokens <= max_new_tokens
+    assert model.last_speculation.tokens <= max_new_tokens - 1  # the first id is the prompt's
 
 
 def test_a_rejected_first_draft_is_replaced_by_the_targets_token(tiny_model, tiny_adapter, drafts, pictures):
@@ -405,6 +405,6 @@ def test_speculation_statistics_describe_the_latest_answer(tiny_adapter, drafts,
     model.draft_length = 3
     model.ask(pictures[0], "Describe the image.", max_new_tokens=9)
     stats = model.last_speculation.as_dict()
-    # the first id from the prefill, then rounds of 3 drafts + 1: 1 + 4 + 4 ids in 3 target forwards
-    assert stats["tokens"] == 9 and stats["target_forwards"] == 3 and stats["tokens_per_target_forward"] == 3.0
+    # the first id from the prompt's forward (not counted), then two rounds of 3 drafts + 1: 8 ids in 2 forwards
+    assert stats["tokens"] == 8 and stats["target_forwards"] == 2 and stats["tokens_per_target_forward"] == 4.0
     assert stats["acceptance_rate"] == 1.0 and stats["rounds"] == 2

@@ -44,8 +44,10 @@ __all__ = [
 
 @dataclass
 class SpeculationStats:
-    """What a generation with a draft did. `acceptance_rate`: drafted ids the target accepted, each row on its own;
-    `tokens_per_target_forward`: steps emitted per target forward (prefill included; 1.0 without a draft)."""
+    """What a generation with a draft did, after its first id (which the prompt's forward gives, with or without a
+    draft). `acceptance_rate`: drafted ids the target accepted, each row on its own (drafts past the end of an
+    answer count as rejected); `tokens_per_target_forward`: steps emitted per decoding forward of the target, the
+    mean acceptance length of the literature (1.0 without a draft)."""
 
     drafted: int = 0
     accepted: int = 0
@@ -61,6 +63,11 @@ class SpeculationStats:
     @property
     def tokens_per_target_forward(self) -> float:
         return self.tokens / self.target_forwards if self.target_forwards else 0.0
+
+    def add(self, other: SpeculationStats) -> None:
+        """Count `other`'s generation in these statistics too."""
+        for name in ("drafted", "accepted", "rounds", "target_forwards", "draft_forwards", "tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def as_dict(self) -> dict[str, float | int]:
         return {
@@ -241,7 +248,6 @@ class SpeculativeDecoder:
     def first(self, target_logits: torch.Tensor) -> torch.Tensor:
         """The first id (B,), from the target's prefill logits (B, V) alone."""
         self.width = target_logits.shape[-1]
-        self.stats.target_forwards += 1
         ids = self.target_select(self.target.sequence, target_logits)
         self._draft_pending = [ids]
         return ids
@@ -278,8 +284,8 @@ def generate_tokens_speculative(
     while True:
         for column in range(block.shape[1]):
             ids = torch.where(stops.finished, pad_id, block[:, column])
+            decoder.stats.tokens += decoder.emitted > 0  # the first id came with the prompt's forward
             decoder.emitted += 1
-            decoder.stats.tokens += 1
             yield ids
             if stops.arrived(ids) or decoder.emitted >= options.max_new_tokens:
                 return
