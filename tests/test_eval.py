@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -279,25 +278,22 @@ def test_killed_and_restarted_gives_the_uninterrupted_file(tiny_adapter, tiny_wo
     assert resumed.read_text() == whole.read_text()  # in question order, each question once, same ids
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_accelerate_processes_give_the_answers_of_one(tiny_adapter, tiny_world, tmp_path):
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
     single = vlm_eval(*answer_args(tiny_adapter, tiny_world, one, "--quiet"))
     assert single.wait(timeout=300) == 0, single.stderr.read()
-    # accelerate 1.x runs `--cpu --num_processes 2` as ONE process (several CPU processes need an mpirun hostfile);
-    # `--multi_gpu` starts two through torchrun, and on a machine without a GPU they run on the CPU (gloo).
+    # accelerate 1.x runs `--cpu --num_processes 2` as ONE process (its simple launcher; several CPU processes need
+    # mpirun and `--mpirun_hostfile`), and refuses `--cpu --multi_gpu`. `--multi_gpu` starts two through torchrun,
+    # which answer on the CPU (`--device cpu`, gloo); each prints its own summary line with its rank.
     launch = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port()))  # fmt: skip
+              "--main_process_port", "0")  # fmt: skip
     double = vlm_eval(*answer_args(tiny_adapter, tiny_world, two, "--quiet"), launcher=launch)
     assert double.wait(timeout=300) == 0, double.stderr.read()
     summaries = [json.loads(line) for line in double.stdout.read().splitlines() if line.startswith("{")]
-    assert sorted(s["process"] for s in summaries) == [0, 1] and sum(s["questions"] for s in summaries) == 13
+    # Two processes took part, each answering its half (LLaVA's chunks of 13: 7 and 6), each with one answer.
+    shares = sorted((s["process"], s["questions"], s["answered"] + s["errors"]) for s in summaries)
+    assert shares == [(0, 7, 7), (1, 6, 6)]
     assert two.read_text() == one.read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.jsonl", "two.jsonl"]  # the shares' files are gone
 
@@ -428,3 +424,104 @@ def test_plugin_is_registered_by_entry_point_and_importable_without_lmms_eval():
     else:
         manifest = lmms_plugin.manifest()
         assert manifest.chat_class_path == "vlm.evaluation.lmms_eval_model.CausalLMVLM"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# lmms-eval itself, as a user runs it, on the trained toy adapter
+
+TOY_FIGURES = {
+    "pope": {"accuracy", "precision", "recall", "f1", "yes_ratio"},
+    "mme": {"total"},
+    "choice": {"accuracy"},
+    "vqa": {"accuracy"},
+}
+"""The figures the toy tasks report, per metric kind (lmms-eval names them KIND_FIGURE)."""
+
+
+def lmms_eval_command() -> list[str]:
+    """`lmms-eval` as installed beside this Python (the console script), else `python -m lmms_eval`."""
+    script = Path(sys.executable).with_name("lmms-eval")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "lmms_eval"]
+
+
+def logged_answers(output: Path, task: str, questions: list[dict]) -> list[dict]:
+    """The answers lmms-eval logged for `task` (`--log_samples`), as LLaVA answer lines: each sample's doc_id is
+    its question's place among the task's documents, checked against the logged prompt and target."""
+    (path,) = output.rglob(f"*_samples_{task}.jsonl")
+    lines = []
+    for sample in map(json.loads, path.read_text().splitlines()):
+        question = questions[sample["doc_id"]]
+        assert (sample["input"], sample["target"]) == (question["text"], question["answer"])
+        text = sample["filtered_resps"]
+        lines.append({"question_id": question["question_id"], "text": text[0] if isinstance(text, list) else text})
+    return lines
+
+
+def lmms_figures(task_results: dict, kind: str) -> dict[str, float]:
+    """A task's figures in lmms-eval's results file ("pope_f1,none": 0.66, ...) -> {"f1": 0.66, ...}."""
+    return {key.split(",")[0].removeprefix(f"{kind}_"): value for key, value in task_results.items()
+            if key.endswith(",none") and "_stderr" not in key}  # fmt: skip
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_lmms_eval_runs_every_toy_task_and_its_scores_equal_vlm_eval_score(toy_adapter, tmp_path):
+    pytest.importorskip("lmms_eval", reason='lmms-eval is not installed: pip install -e ".[eval]"')
+    from projector_training.toy.benchmarks import TASKS, world_of_adapter, write_benchmarks
+
+    world = world_of_adapter(toy_adapter)
+    bench = write_benchmarks(world, tmp_path / "bench")
+    output, limit = tmp_path / "lmms", 4
+    command = [*lmms_eval_command(), "--model", "causallm_vlm", "--model_args", f"pretrained={toy_adapter},device=cpu",
+               "--tasks", ",".join(TASKS), "--include_path", str(bench / "lmms_tasks"), "--limit", str(limit),
+               "--batch_size", "3", "--log_samples", "--output_path", str(output)]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf"),
+           "PYTHONPATH": str(Path(__file__).parents[1])}  # fmt: skip
+    run = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    (results_file,) = output.rglob("*_results.json")
+    results = json.loads(results_file.read_text())
+    assert results["config"]["model_backend"] == "vlm.evaluation.lmms_eval_model.CausalLMVLM (chat)"  # the plugin
+    assert {task: n["effective"] for task, n in results["n-samples"].items()} == dict.fromkeys(TASKS, limit)
+
+    # The answers lmms-eval logged, per metric kind (POPE's three splits in one file, as LLaVA scores POPE).
+    answers: dict[str, list[dict]] = {}
+    questions_by_id: dict[str, dict] = {}
+    for task, (name, kind) in TASKS.items():
+        questions = read_questions(bench / name)
+        if kind == "pope":
+            questions = [q for q in questions if q["category"] == task.removeprefix("toy_pope_")]
+        lines = logged_answers(output, task, questions)
+        assert len(lines) == limit
+        answers.setdefault(kind, []).extend(lines)
+        questions_by_id.update({q["question_id"]: q for q in questions[:limit]})
+
+    # They are the adapter's answers: `vlm eval answer` on the same questions writes the same texts.
+    ours = tmp_path / "vlm-answers.jsonl"
+    run = vlm_eval("answer", "--model", str(toy_adapter), "--question-file",
+                   str(write_jsonl(tmp_path / "questions.jsonl", list(questions_by_id.values()))),
+                   "--image-folder", str(world), "--answers-file", str(ours), "--device", "cpu", "--quiet")  # fmt: skip
+    assert run.wait(timeout=300) == 0, run.stderr.read()
+    texts = {a["question_id"]: a["text"] for a in map(json.loads, ours.read_text().splitlines())}
+    assert {a["question_id"]: a["text"] for lines in answers.values() for a in lines} == texts
+
+    # `vlm eval score` on the logged answers gives lmms-eval's figures, each one.
+    files = {kind: name for name, kind in TASKS.values()}
+    for kind, lines in answers.items():
+        score = vlm_eval("score", kind, "--answers-file", str(write_jsonl(tmp_path / f"{kind}.jsonl", lines)),
+                         "--annotation-file", str(bench / files[kind]))  # fmt: skip
+        out, err = score.communicate(timeout=120)
+        assert score.returncode == 0, err
+        report = json.loads(out)
+        assert (report["answered"], report["errors"]) == (len(lines), 0)
+        for task in (t for t, (_, k) in TASKS.items() if k == kind):
+            theirs = lmms_figures(results["results"][task], kind)
+            assert set(theirs) == TOY_FIGURES[kind]
+            if kind == "mme":
+                mine = {"total": report["total"]}
+            else:
+                mine = report["categories"][task.removeprefix("toy_pope_")] if kind == "pope" else report["all"]
+            assert theirs == {figure: mine[figure] for figure in TOY_FIGURES[kind]}, task

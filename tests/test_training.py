@@ -136,13 +136,17 @@ def test_interrupted_checkpoint_write_resumes_from_the_previous_one(
 
 def test_two_processes_match_one_process(micro_world, reference_run, tmp_path):
     out = tmp_path / "ddp"
+    # accelerate 1.x runs `--cpu --num_processes 2` as ONE process (several CPU processes need mpirun and a
+    # hostfile; `--cpu` and `--multi_gpu` exclude each other). `--multi_gpu` starts two through torchrun, which
+    # train on the CPU (`--device cpu`: Accelerator(cpu=True), gloo); the log line says how many took part.
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
         "-m", "projector_training", *_flags(micro_world, out, **{"micro-batch-size": 4}),
     ]  # fmt: skip
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "; 2 process(es)" in done.stdout + done.stderr, done.stdout + done.stderr
     ours, reference = _projector(out), _projector(reference_run)
     assert max((ours[k] - reference[k]).abs().max().item() for k in reference) <= 1e-5
 
