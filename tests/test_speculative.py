@@ -120,7 +120,7 @@ class TableEngine:
 
 def _tables(seed: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn((VOCAB, VOCAB), generator=g) * scale, torch.randn((8, VOCAB), generator=g) * scale
+    return torch.randn((VOCAB, VOCAB), generator=g) * scale, torch.randn((64, VOCAB), generator=g) * scale
 
 
 def _exact_target(options: GenerationOptions, table, bias) -> dict[tuple[int, ...], float]:
@@ -193,6 +193,31 @@ def test_a_residual_taken_as_p_is_caught(monkeypatch):
     monkeypatch.setattr(speculative, "residual_distribution", lambda p, q: p)
     counts = _speculative_samples(options, target, draft, SAMPLES, rows=50)
     assert _total_variation(counts, exact) > 2 * _bound(VOCAB**3, SAMPLES)
+
+
+def test_after_each_round_both_caches_hold_exactly_the_emitted_ids():
+    """The target has been fed every emitted id but the last, the draft a prefix of them, and what the draft still
+    has to be fed completes it: a rejected draft left in either cache would make the next round read a wrong prefix
+    (the answers stay right, the draft only proposes worse)."""
+    options = GenerationOptions(max_new_tokens=40, temperature=1.0, seed=4)
+    cpu = torch.device("cpu")
+    ids = torch.tensor([PROMPT])
+    engines = (TableEngine(*_tables(0, 1.5), 1), TableEngine(*_tables(1, 1.5), 1))
+    selectors = (TokenSelector(options, None, [], cpu), TokenSelector(options, None, [], cpu))
+    embeds = ids[..., None].float()
+    decoder, logits = SpeculativeDecoder.prefill(engines, (embeds, embeds), ids, torch.ones_like(ids), selectors,
+                                                 DraftLength(3))  # fmt: skip
+    last, emitted = decoder.first(logits), []
+    emitted.append(int(last))
+    for _ in range(12):
+        block, last = decoder.round(last, 3, torch.ones(1, dtype=torch.bool))
+        emitted += block[0].tolist()
+        target, draft = decoder.target.sequence[0].tolist(), decoder.draft.sequence[0].tolist()
+        assert target == PROMPT + emitted[:-1]
+        pending = [int(p) for p in decoder._draft_pending]
+        assert draft + pending == PROMPT + emitted
+        assert (decoder.target.engine.length, decoder.draft.engine.length) == (len(target), len(draft))
+    assert decoder.stats.accepted < decoder.stats.drafted  # rejections happened
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ tests named beside it in a copy of the working tree, and records whether they fa
     python tools/mutation_check.py --only static-prefill-attends-padding
 
 The mutations marked `toy` need a trained miniature-world adapter (`vlm-train --recipe toy`); without
-`--toy-adapter` they are reported as not run. Prints the report as JSON; about 6 minutes on 2 cores.
+`--toy-adapter` they are reported as not run. Prints the report as JSON; about 10 minutes on 2 cores.
 A mutation counts as killed only when a test fails (pytest's exit code 1 with failures named); an import error or
 a run past the time limit stops the check instead, since it says nothing about the tests.
 """
@@ -64,6 +64,30 @@ MUTATIONS = (
         "pass",
         ("tests/test_model.py", "-k", "static_cache or overlapped or compiled"),
         "a decode step's own key and value are masked out",
+    ),
+    Mutation(
+        "speculative-accepts-matches-after-a-mismatch",
+        "vlm/generation/speculative.py",
+        "accepted = (drafted == best[:, :-1]).long().cumprod(dim=1).sum(dim=1)",
+        "accepted = (drafted == best[:, :-1]).long().sum(dim=1)",
+        ("tests/test_speculative.py", "-k", "greedy"),
+        "greedy speculative decoding keeps drafts that agree after one that did not",
+    ),
+    Mutation(
+        "speculative-residual-is-p",
+        "vlm/generation/speculative.py",
+        "residual = (p - q).clamp(min=0)",
+        "residual = p.clone()",
+        ("tests/test_speculative.py", "-k", "distribution or resamples"),
+        "a rejected draft is replaced from p instead of norm(max(0, p - q)): sampling leans towards the draft",
+    ),
+    Mutation(
+        "speculative-draft-cache-keeps-a-rejected-draft",
+        "vlm/generation/speculative.py",
+        "self.draft.keep(fed_before + 1 + column)",
+        "self.draft.keep(min(fed_before + 2 + column, self.draft.sequence.shape[1] - self.draft.prompt_width))",
+        ("tests/test_speculative.py", "-k", "caches_hold"),
+        "the draft's cache keeps a rejected draft: it proposes from a wrong prefix (the answers stay right)",
     ),
     Mutation(
         "suppress-only-the-image-row",
