@@ -13,9 +13,10 @@ LLaVA-1.5's data and evaluations talk about images:
   llava_v1_5_mix665k).
 
 `build_world` renders seeded PNGs and writes LLaVA conversation records: alignment data (`train.json`:
-per image one caption record and one conversation of 1-3 questions) and held-out sets on images never used
-for training (captions, open questions, POPE-style yes/no, multiple choice, 3-question conversations).
-Held-out records carry a `turns` list saying what each question asks, for per-kind, per-attribute scores.
+per image one caption record and one conversation of 1-3 questions of the kinds in `TRAIN_KINDS`) and held-out
+sets on images never used for training (captions, open questions, POPE-style yes/no, multiple choice, 3-question
+conversations). Held-out records carry a `turns` list saying what each question asks,
+for per-kind, per-attribute scores.
 
 Images are drawn at 4x and downsampled (anti-aliased), with jitter in position (on a grid of 1/8 of
 the side: 9 places for a large shape, 25 for a small one), object size, colour and background shade,
@@ -48,6 +49,7 @@ __all__ = [
     "QUESTIONS",
     "SHAPES",
     "SIZES",
+    "TRAIN_KINDS",
     "YESNO_QUESTIONS",
     "ToyObject",
     "Turn",
@@ -61,6 +63,7 @@ __all__ = [
     "open_turn",
     "parse_caption",
     "popularity",
+    "question_turn",
     "render",
     "similarity",
     "yesno_turn",
@@ -141,6 +144,8 @@ KINDS: tuple[str, ...] = ("caption", "open", "yesno", "choice")
 """What a question asks for: the caption, one attribute word, Yes/No, or an option's letter."""
 NEGATIVE_SAMPLING: tuple[str, ...] = ("random", "popular", "adversarial")
 """How the value of a yes/no question whose answer is No is drawn, as POPE draws its absent objects."""
+TRAIN_KINDS: dict[str, float] = {"open": 0.5, "yesno": 0.25, "choice": 0.25}
+"""How often a question of a training conversation is of each kind (`question_turn`)."""
 _TRAIN_WEIGHT = {value: 2 for value in (*COLOURS[:2], *SHAPES[:2])}
 """Training images of these colours and shapes are more frequent (weights add up per object, 1 to 3), so
 that "popular" negatives mean something, as POPE's frequent COCO objects do."""
@@ -236,6 +241,20 @@ def choice_turn(obj: ToyObject, attribute: str, rng: random.Random, options: int
     lines = "\n".join(f"{letter}. {value}" for letter, value in zip(LETTERS, choices, strict=False))
     question = f"{rng.choice(QUESTIONS[attribute])}\n{lines}\n{CHOICE_SUFFIX}"
     return Turn(question, LETTERS[choices.index(truth)], "choice", attribute)
+
+
+def question_turn(obj: ToyObject, attribute: str, rng: random.Random, kinds: dict[str, float] = TRAIN_KINDS) -> Turn:
+    """A question about `attribute` of a kind drawn with the weights `kinds` ("open", "yesno", "choice"); a yes/no
+    question is answered Yes half the time, else No about a value drawn by one of POPE's samplings."""
+    kind = rng.choices(list(kinds), weights=list(kinds.values()))[0]
+    if kind == "open":
+        return open_turn(obj, attribute, rng)
+    if kind == "yesno":
+        negative = None if rng.random() < 0.5 else rng.choice(NEGATIVE_SAMPLING)
+        return yesno_turn(obj, attribute, rng, negative)
+    if kind == "choice":
+        return choice_turn(obj, attribute, rng)
+    raise ValueError(f"unknown question kind {kind!r}; use open, yesno or choice")
 
 
 def parse_caption(text: str) -> dict[str, str | None]:
@@ -428,7 +447,7 @@ def build_world(root: Path, *, seed: int, n_train: int, n_eval: int, image_size:
         train.append(_record(f"train-{i:05d}-caption", image, [caption_turn(obj, rng)]))
         # Each attribute at most once per conversation: a second question would only repeat the first.
         attributes = rng.sample(list(ATTRIBUTES), rng.randint(1, len(ATTRIBUTES)))
-        train.append(_record(f"train-{i:05d}-chat", image, [open_turn(obj, a, rng) for a in attributes]))
+        train.append(_record(f"train-{i:05d}-chat", image, [question_turn(obj, a, rng) for a in attributes]))
 
     held_out = _held_out(_render_split(files, "eval", seed, n_eval, image_size, weighted=False))
     for name, path in files.eval_sets.items():
