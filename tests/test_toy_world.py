@@ -163,6 +163,10 @@ def test_world_records(small_world) -> None:
             _CAPTIONS[record["image"]] = by_caption[record["conversations"][1]["value"]]
     chats = [r for r in train if r["id"].endswith("-chat")]
     assert len(chats) == 80 and {len(r["conversations"]) for r in chats} == {2, 4, 6}
+    # The alignment conversations ask every kind of question the held-out sets ask (TRAIN_KINDS).
+    questions = [t["value"].removeprefix("<image>\n") for r in chats for t in r["conversations"][::2]]
+    assert any(CHOICE_SUFFIX in q for q in questions) and any(q.startswith("Is ") for q in questions)
+    assert any(q.split("\n")[0] in sum(QUESTIONS.values(), ()) and "\n" not in q for q in questions)
     for record in train + [r for records in sets.values() for r in records]:
         turns = record["conversations"]
         assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
@@ -272,12 +276,14 @@ def test_micro_lm_layout(micro_world) -> None:
 def test_lm_examples_tokenize_like_the_rendered_text(micro_world) -> None:
     from transformers import AutoTokenizer
 
+    from projector_training.toy import ToyConfig
     from projector_training.toy.backbones import IGNORE_INDEX, _Encoder, _example, _lm_batch, _render
 
     tokenizer = AutoTokenizer.from_pretrained(micro_world.lm_dir)
     encoder = _Encoder(tokenizer)
     rng = random.Random(0)
-    examples = [_example(rng, micro_world.num_image_tokens) for _ in range(40)]
+    config = ToyConfig.micro()
+    examples = [_example(rng, micro_world.num_image_tokens, config) for _ in range(60)]
     for example in examples:
         assert encoder.context(example.context) == tokenizer(" ".join(example.context))["input_ids"]
         whole = encoder.prompt(example) + encoder.answer(example)
@@ -289,10 +295,31 @@ def test_lm_examples_tokenize_like_the_rendered_text(micro_world) -> None:
     for row, example in enumerate(examples):
         labelled = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX].tolist()
         assert tokenizer.decode(labelled) == "".join(f"{turn.answer}<|im_end|>" for turn in example.turns)
-    assert {len(e.turns) for e in examples} == {1, 2, 3}
-    assert {t.kind for e in examples for t in e.turns} == {"caption", "open"}
+    assert {len(e.turns) for e in examples} == set(config.lm_turns)
+    assert {t.kind for e in examples for t in e.turns} == {"caption", "open", "yesno", "choice"}
+    assert {t.negative for e in examples for t in e.turns if t.kind == "yesno"} == {None, *NEGATIVE_SAMPLING}
     # Answers are uniform given the question, so only the context can tell them.
-    assert len({e.turns[-1].answer for e in examples if e.turns[-1].kind == "open"}) > 1
+    for kind in ("open", "yesno", "choice"):
+        assert len({t.answer for e in examples for t in e.turns if t.kind == kind}) > 1, kind
+
+
+def test_the_bundled_lm_is_the_one_toy_config_describes(tmp_path: Path) -> None:
+    """The shipped LM was trained by the shipped command with `ToyConfig`'s LM settings; with any other setting the
+    world refuses it and says how to get an LM with those settings, before copying anything."""
+    import dataclasses
+
+    from projector_training.toy import ToyConfig
+    from projector_training.toy.backbones import BUNDLED_LM, PRETRAINING, _bundled_lm, lm_settings
+
+    made = json.loads((BUNDLED_LM / PRETRAINING).read_text())
+    assert made["settings"] == lm_settings(ToyConfig()) and made["seed"] == 0
+    assert made["command"] == "python -m projector_training.toy.pretrain_lm" and made["commit"]
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in BUNDLED_LM.iterdir()}
+    with pytest.raises(ValueError, match=r"other settings than these \(lm_steps\).*pretrain_lm.*lm_source='train'"):
+        _bundled_lm(dataclasses.replace(ToyConfig(), lm_steps=1), tmp_path / "lm")
+    assert not (tmp_path / "lm").exists()
+    with pytest.raises(ValueError, match="lm_source must be 'bundled' or 'train'"):
+        ToyConfig(lm_source="download")
 
 
 def test_cache_reuses_and_rebuilds_what_is_stale(micro_world) -> None:

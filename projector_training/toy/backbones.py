@@ -5,6 +5,7 @@
     world/     images + LLaVA records (`world.build_world`)
     clip/      open_clip local-dir checkpoint, trained contrastively on the world's training captions
     lm/        `LlamaForCausalLM` + tokenizer, trained on ChatML text whose answers must be read from context
+               (by default the one trained once and bundled in `bundled_lm/`, see `pretrain_lm`)
     draft_lm/  a half-depth `LlamaForCausalLM` distilled from lm/, same tokenizer and rows: the speculative draft
 
 Each piece ends with a `done.json` (its metrics and a hash of the settings it depends on) written
@@ -12,8 +13,8 @@ last, so an interrupted build is redone and a changed setting rebuilds that piec
 
 The LM is what makes alignment possible. It is trained on conversations laid out exactly as the
 adapter will prompt it, except that the image slots hold text about the object (a description, a
-description amid filler words, or a bag of repeated attribute words), so that the answer (a caption
-or one attribute word) is only knowable from what stands in the slots:
+description amid filler words, or a bag of repeated attribute words), so that the answer (a caption,
+one attribute word, Yes or No, or an option's letter) is only knowable from what stands in the slots:
 
     <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n
     <|im_start|>user\\n{text in place of the image slots}\\n{instruction}<|im_end|>\\n
@@ -63,12 +64,12 @@ from projector_training.toy.world import (
     caption_turn,
     describe,
     load_records,
-    open_turn,
+    question_turn,
 )
 from vlm.config import DEFAULT_SYSTEM_PROMPT
 from vlm.processing.chat import IGNORE_INDEX, encode_text
 
-__all__ = ["ToyConfig", "ToyWorld", "ensure_toy_world"]
+__all__ = ["BUNDLED_LM", "PRETRAINING", "ToyConfig", "ToyWorld", "ensure_toy_world", "lm_settings"]
 
 Log = Callable[[str], None]
 
@@ -87,7 +88,8 @@ FILLER_WORDS = (
 
 @dataclass(frozen=True)
 class ToyConfig:
-    """Every setting of the miniature world. The defaults build in about 2.5 minutes on 2 quiet CPU cores."""
+    """Every setting of the miniature world. The defaults build in about 2 minutes on 2 quiet CPU cores (with the
+    bundled LM; training that LM took about 45 minutes)."""
 
     seed: int = 0
     """Seeds the world, both trainings and all sampling."""
@@ -120,13 +122,21 @@ class ToyConfig:
     lm_hidden: int = 128
     """The adapter's projector output size."""
     lm_layers: int = 4
-    lm_heads: int = 4
+    lm_heads: int = 8
     lm_intermediate: int = 344
-    lm_steps: int = 500
-    lm_short_fraction: float = 0.6
+    lm_steps: int = 6000
+    lm_short_fraction: float = 0.5
     """Fraction of the LM steps trained on short contexts (a curriculum) before image-length ones."""
     lm_batch_size: int = 32
     lm_lr: float = 2e-3
+    lm_kinds: tuple[tuple[str, float], ...] = (("open", 0.25), ("yesno", 0.35), ("choice", 0.4))
+    """(question kind, weight) of the LM's conversations: yes/no and multiple choice need more steps than open ones."""
+    lm_turns: tuple[int, ...] = (2, 3, 4, 5)
+    """Questions per LM conversation, drawn uniformly from these."""
+    lm_source: str = "bundled"
+    """"bundled": the LM trained once with these `lm_*` settings (seed 0) and shipped in
+    `projector_training/toy/bundled_lm/` (rebuilt by `python -m projector_training.toy.pretrain_lm`), as CausalLM's
+    weights are downloaded rather than trained; "train": train it here, seeded by `seed`."""
     lm_eval_prompts: int = 400
     """Held-out text prompts for the LM's context-reading accuracy (and the draft's agreement with the LM)."""
 
@@ -135,7 +145,7 @@ class ToyConfig:
     draft_hidden: int = 128
     """The draft's width, its projector's output size. Equal to `lm_hidden`, the draft starts as a copy of the LM's
     embeddings, head and evenly spaced layers (DistilBERT's start); otherwise from scratch."""
-    draft_heads: int = 4
+    draft_heads: int = 8
     draft_intermediate: int = 344
     draft_steps: int = 150
     """Distillation steps on the LM's kind of corpus (answers only), short contexts first as for the LM."""
@@ -150,6 +160,8 @@ class ToyConfig:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.clip_layers < 2:
             raise ValueError("the CLIP needs at least 2 blocks: the adapter reads the second-to-last one")
+        if self.lm_source not in ("bundled", "train"):
+            raise ValueError(f"lm_source must be 'bundled' or 'train'; got {self.lm_source!r}")
         if not 1 <= self.draft_layers <= self.lm_layers:
             raise ValueError(f"draft_layers must be 1 to lm_layers ({self.lm_layers}); got {self.draft_layers}")
         if (
@@ -180,6 +192,7 @@ class ToyConfig:
             lm_intermediate=64,
             lm_steps=3,
             lm_batch_size=8,
+            lm_source="train",
             lm_eval_prompts=8,
             draft_layers=1,
             draft_hidden=16,
@@ -395,9 +408,9 @@ class _Example:
 
     @property
     def task(self) -> str:
-        """What the last question asks: a kind, with the turn number when it is not the first."""
+        """What the last question asks: a kind, with "_later" when it is not the first question."""
         last = self.turns[-1]
-        return last.kind if len(self.turns) == 1 else f"{last.kind}_turn{len(self.turns)}"
+        return last.kind if len(self.turns) == 1 else f"{last.kind}_later"
 
 
 def _context(obj: ToyObject, rng: random.Random, num_patches: int) -> list[str]:
@@ -422,19 +435,19 @@ def _context(obj: ToyObject, rng: random.Random, num_patches: int) -> list[str]:
     return words
 
 
-def _example(rng: random.Random, num_patches: int) -> _Example:
-    """A conversation of 1-3 questions about one object, as the world's training records ask them: a caption
-    request or an open question first, then open questions, each attribute at most once.
-
-    Not yes/no or multiple choice: a 4-layer LM learns them only after about 1,200 steps of nothing else (see
-    docs/miniature-world.md), past this world's time budget, so the held-out sets of those kinds measure an LM that
-    never saw them.
-    """
+def _example(rng: random.Random, num_patches: int, config: ToyConfig) -> _Example:
+    """A conversation of `config.lm_turns` questions about one object, of the kinds the world's records ask
+    (`config.lm_kinds`: open, yes/no with POPE's negatives, multiple choice), sometimes a caption request first.
+    An attribute may be asked again in another form: the LM must read the context each time."""
     obj = rng.choice(OBJECTS)
     context = _context(obj, rng, num_patches)
-    attributes = rng.sample(list(ATTRIBUTES), rng.choice((1, 1, 2, 3)))
-    first = caption_turn(obj, rng) if rng.random() < 0.25 else open_turn(obj, attributes[0], rng)
-    turns = [first, *(open_turn(obj, a, rng) for a in attributes[1:])]
+    kinds = dict(config.lm_kinds)
+    turns = []
+    for k in range(rng.choice(config.lm_turns)):
+        if k == 0 and rng.random() < 0.2:
+            turns.append(caption_turn(obj, rng))
+        else:
+            turns.append(question_turn(obj, rng.choice(list(ATTRIBUTES)), rng, kinds))
     system = DEFAULT_SYSTEM_PROMPT if rng.random() < 0.8 else rng.choice(SYSTEM_PROMPTS)
     return _Example(system, context, tuple(turns))
 
@@ -537,7 +550,7 @@ def _greedy(model: LlamaForCausalLM, encoder: _Encoder, prompts: Sequence[list[i
 def _evaluate_lm(model: LlamaForCausalLM, encoder: _Encoder, config: ToyConfig) -> dict[str, Any]:
     """Greedy exact match on held-out prompts drawn like the image-length training ones."""
     rng = random.Random(f"{config.seed}/lm-eval")
-    examples = [_example(rng, config.num_patches) for _ in range(config.lm_eval_prompts)]
+    examples = [_example(rng, config.num_patches, config) for _ in range(config.lm_eval_prompts)]
     model.eval()
     hits: dict[str, list[bool]] = {}
     for start in range(0, len(examples), 64):
@@ -570,7 +583,7 @@ def _train_lm(config: ToyConfig, out: Path, log: Log, device: torch.device) -> d
     _seed_everything(config.seed)
     rng = random.Random(f"{config.seed}/lm-train")
     corpus_rng = random.Random(f"{config.seed}/lm-corpus")
-    corpus = [_render(_example(corpus_rng, config.num_patches)) for _ in range(2000)]
+    corpus = [_render(_example(corpus_rng, config.num_patches, config)) for _ in range(2000)]
     tokenizer = build_tokenizer(corpus, config.vocab_size)
     encoder = _Encoder(tokenizer)
     end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
@@ -599,7 +612,7 @@ def _train_lm(config: ToyConfig, out: Path, log: Log, device: torch.device) -> d
         # Short contexts first: the question -> attribute lookup is learned several times faster on
         # short sequences; the long ones then teach it to search as many slots as an image has.
         slots = config.num_patches if step >= config.lm_steps * config.lm_short_fraction else SHORT_CONTEXT
-        batch = _lm_batch(encoder, [_example(rng, slots) for _ in range(config.lm_batch_size)], end)
+        batch = _lm_batch(encoder, [_example(rng, slots, config) for _ in range(config.lm_batch_size)], end)
         for group in optimizer.param_groups:
             group["lr"] = _cosine_lr(step, config.lm_steps, config.lm_lr)
         loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
@@ -619,6 +632,37 @@ def _train_lm(config: ToyConfig, out: Path, log: Log, device: torch.device) -> d
     tokenizer.save_pretrained(out)
     _check_lm_reload(model, out)
     return metrics
+
+
+BUNDLED_LM = Path(__file__).with_name("bundled_lm")
+"""The LM trained once with `ToyConfig`'s `lm_*` settings (seed 0) by `python -m projector_training.toy.pretrain_lm`."""
+PRETRAINING = "pretraining.json"
+"""Beside the bundled LM: the settings it was trained with, its metrics, the command, versions and commit."""
+
+
+def lm_settings(config: ToyConfig) -> dict[str, Any]:
+    """What makes the LM: the `lm_*` settings (not where it comes from or how it is evaluated), the vocabulary size
+    and the number of image slots, as JSON values."""
+    names = [f.name for f in dataclasses.fields(config) if f.name.startswith("lm_")]
+    names = [n for n in names if n not in ("lm_source", "lm_eval_prompts")]
+    values = {**{n: getattr(config, n) for n in names}, "vocab_size": config.vocab_size, "slots": config.num_patches}
+    return json.loads(json.dumps(values))
+
+
+def _bundled_lm(config: ToyConfig, out: Path) -> dict[str, Any]:
+    """Copy the bundled LM into `out` and measure its context reading here, with `config.seed`'s prompts."""
+    made = json.loads((BUNDLED_LM / PRETRAINING).read_text())
+    if made["settings"] != lm_settings(config):
+        changed = sorted(k for k, v in lm_settings(config).items() if made["settings"].get(k) != v)
+        raise ValueError(
+            f"the bundled toy LM ({BUNDLED_LM}) was trained with other settings than these ({', '.join(changed)}): "
+            "run `python -m projector_training.toy.pretrain_lm` to train and bundle one with them, or use "
+            "lm_source='train'"
+        )
+    shutil.copytree(BUNDLED_LM, out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    metrics = _evaluate_lm(model, _Encoder(AutoTokenizer.from_pretrained(out)), config)
+    return {**metrics, "source": "bundled", "pretraining": made["metrics"]}
 
 
 @torch.no_grad()
@@ -686,7 +730,7 @@ def _agreement(
     held-out prompts of `_evaluate_lm` (the closing `<|im_end|>` included): per token, the chance that greedy
     speculative decoding accepts a drafted token; per answer, that it accepts a whole answer."""
     rng = random.Random(f"{config.seed}/lm-eval")
-    examples = [_example(rng, config.num_patches) for _ in range(config.lm_eval_prompts)]
+    examples = [_example(rng, config.num_patches, config) for _ in range(config.lm_eval_prompts)]
     draft.eval()
     teacher.eval()
     tokens, answers = [], []
@@ -729,7 +773,7 @@ def _train_draft_lm(config: ToyConfig, lm_dir: Path, out: Path, log: Log, device
     draft.train()
     for step in range(config.draft_steps):
         slots = config.num_patches if step >= config.draft_steps * config.draft_short_fraction else SHORT_CONTEXT
-        examples = [_example(rng, slots) for _ in range(config.draft_batch_size)]
+        examples = [_example(rng, slots, config) for _ in range(config.draft_batch_size)]
         batch = {k: v.to(device) for k, v in _lm_batch(encoder, examples, teacher.config.pad_token_id).items()}
         labels = batch.pop("labels")
         with torch.no_grad():
@@ -786,6 +830,9 @@ def _fingerprints(config: ToyConfig) -> dict[str, str]:
 
     world = _fingerprint(config, ["seed", "n_train", "n_eval", "image_size"])
     lm = _fingerprint(config, [*prefixed("lm_"), "vocab_size", "seed", "image_size", "patch_size"])
+    if config.lm_source == "bundled":
+        weights = _file_sha256(BUNDLED_LM / "model.safetensors")
+        lm = _fingerprint(config, ["lm_source", "lm_eval_prompts", "seed"], weights)
     draft_fields = [*prefixed("draft_"), "seed", "image_size", "patch_size", "lm_eval_prompts"]
     return {
         "world": world,
@@ -793,6 +840,10 @@ def _fingerprints(config: ToyConfig) -> dict[str, str]:
         "lm": lm,
         "draft_lm": _fingerprint(config, draft_fields, lm),
     }
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _cached(directory: Path, fingerprint: str) -> dict[str, Any] | None:
@@ -846,7 +897,10 @@ def ensure_toy_world(
     fingerprints = _fingerprints(config)
     piece("world", fingerprints["world"], build_world_piece)
     piece("clip", fingerprints["clip"], lambda d: _train_clip(config, world_files, d, log, device))
-    piece("lm", fingerprints["lm"], lambda d: _train_lm(config, d, log, device))
+    if config.lm_source == "bundled":
+        piece("lm", fingerprints["lm"], lambda d: _bundled_lm(config, d))
+    else:
+        piece("lm", fingerprints["lm"], lambda d: _train_lm(config, d, log, device))
     piece("draft_lm", fingerprints["draft_lm"], lambda d: _train_draft_lm(config, root / "lm", d, log, device))
     return ToyWorld(
         root=root,
