@@ -73,7 +73,7 @@ __all__ = ["BUNDLED_LM", "PRETRAINING", "ToyConfig", "ToyWorld", "ensure_toy_wor
 
 Log = Callable[[str], None]
 
-BUILD_VERSION = 3
+BUILD_VERSION = 4
 """Part of every cache fingerprint: bump it when a code change alters what a piece builds."""
 DONE = "done.json"
 SHORT_CONTEXT = 12
