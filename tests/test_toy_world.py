@@ -303,23 +303,43 @@ def test_lm_examples_tokenize_like_the_rendered_text(micro_world) -> None:
         assert len({t.answer for e in examples for t in e.turns if t.kind == kind}) > 1, kind
 
 
-def test_the_bundled_lm_is_the_one_toy_config_describes(tmp_path: Path) -> None:
-    """The shipped LM was trained by the shipped command with `ToyConfig`'s LM settings; with any other setting the
-    world refuses it and says how to get an LM with those settings, before copying anything."""
+@pytest.mark.parametrize(
+    ("piece", "setting", "weights"),
+    [("clip", "clip_steps", "open_clip_model.compact.safetensors"), ("lm", "lm_steps", "model.safetensors"),
+     ("draft_lm", "draft_steps", "model.safetensors")],
+)  # fmt: skip
+def test_the_bundled_backbones_are_the_ones_toy_config_describes(
+    tmp_path: Path, piece: str, setting: str, weights: str
+) -> None:
+    """Each shipped backbone was trained by the shipped command with `ToyConfig`'s settings; with any other setting
+    the world refuses it and says how to get one with those settings, before copying anything."""
     import dataclasses
 
     from projector_training.toy import ToyConfig
-    from projector_training.toy.backbones import BUNDLED_LM, PRETRAINING, _bundled_lm, lm_settings
+    from projector_training.toy.backbones import BUNDLED, PRETRAINING, _copy_bundled, piece_settings
 
-    made = json.loads((BUNDLED_LM / PRETRAINING).read_text())
-    assert made["settings"] == lm_settings(ToyConfig()) and made["seed"] == 0
-    assert made["command"] == "python -m projector_training.toy.pretrain_lm" and made["commit"]
-    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in BUNDLED_LM.iterdir()}
-    with pytest.raises(ValueError, match=r"other settings than these \(lm_steps\).*pretrain_lm.*lm_source='train'"):
-        _bundled_lm(dataclasses.replace(ToyConfig(), lm_steps=1), tmp_path / "lm")
-    assert not (tmp_path / "lm").exists()
-    with pytest.raises(ValueError, match="lm_source must be 'bundled' or 'train'"):
-        ToyConfig(lm_source="download")
+    made = json.loads((BUNDLED / piece / PRETRAINING).read_text())
+    assert made["settings"] == piece_settings(ToyConfig(), piece) and made["seed"] == 0
+    assert made["command"].startswith("python -m projector_training.toy.pretrain") and made["commit"]
+    assert (BUNDLED / piece / weights).is_file()
+    changed = dataclasses.replace(ToyConfig(), **{setting: 1})
+    with pytest.raises(
+        ValueError, match=rf"other settings than these \({setting}\).*pretrain --pieces {piece}.*'train'"
+    ):
+        _copy_bundled(changed, piece, tmp_path / piece)
+    assert not (tmp_path / piece).exists()
+
+
+def test_the_draft_is_refused_when_the_lm_it_was_distilled_from_changes(tmp_path: Path) -> None:
+    import dataclasses
+
+    from projector_training.toy import ToyConfig
+    from projector_training.toy.backbones import _copy_bundled
+
+    with pytest.raises(ValueError, match=r"bundled toy draft_lm .*\(lm\)"):
+        _copy_bundled(dataclasses.replace(ToyConfig(), lm_heads=4), "draft_lm", tmp_path / "draft")
+    with pytest.raises(ValueError, match="backbones must be 'bundled' or 'train'"):
+        ToyConfig(backbones="download")
 
 
 def test_cache_reuses_and_rebuilds_what_is_stale(micro_world) -> None:

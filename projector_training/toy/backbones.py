@@ -5,8 +5,10 @@
     world/     images + LLaVA records (`world.build_world`)
     clip/      open_clip local-dir checkpoint, trained contrastively on the world's training captions
     lm/        `LlamaForCausalLM` + tokenizer, trained on ChatML text whose answers must be read from context
-               (by default the one trained once and bundled in `bundled_lm/`, see `pretrain_lm`)
     draft_lm/  a half-depth `LlamaForCausalLM` distilled from lm/, same tokenizer and rows: the speculative draft
+By default (`ToyConfig.backbones="bundled"`) clip/, lm/ and draft_lm/ are copies of the ones trained once with these
+settings and shipped in `bundled/` (see `projector_training.toy.pretrain`), measured again on this world: they stand
+for the pretrained CLIP and CausalLM weights, which are downloaded, not trained, by the real recipes.
 
 Each piece ends with a `done.json` (its metrics and a hash of the settings it depends on) written
 last, so an interrupted build is redone and a changed setting rebuilds that piece and those after it.
@@ -49,7 +51,7 @@ import numpy as np
 import open_clip
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -69,11 +71,11 @@ from projector_training.toy.world import (
 from vlm.config import DEFAULT_SYSTEM_PROMPT
 from vlm.processing.chat import IGNORE_INDEX, encode_text
 
-__all__ = ["BUNDLED_LM", "PRETRAINING", "ToyConfig", "ToyWorld", "ensure_toy_world", "lm_settings"]
+__all__ = ["BUNDLED", "PIECES", "PRETRAINING", "ToyConfig", "ToyWorld", "ensure_toy_world", "piece_settings"]
 
 Log = Callable[[str], None]
 
-BUILD_VERSION = 4
+BUILD_VERSION = 5
 """Part of every cache fingerprint: bump it when a code change alters what a piece builds."""
 DONE = "done.json"
 SHORT_CONTEXT = 12
@@ -88,8 +90,8 @@ FILLER_WORDS = (
 
 @dataclass(frozen=True)
 class ToyConfig:
-    """Every setting of the miniature world. The defaults build in about 2 minutes on 2 quiet CPU cores (with the
-    bundled LM; training that LM took about 45 minutes)."""
+    """Every setting of the miniature world. With the bundled backbones (the default) it builds in under a minute;
+    training them here (`backbones="train"`) takes about 50 minutes on 2 quiet CPU cores, the LM most of it."""
 
     seed: int = 0
     """Seeds the world, both trainings and all sampling."""
@@ -133,10 +135,6 @@ class ToyConfig:
     """(question kind, weight) of the LM's conversations: yes/no and multiple choice need more steps than open ones."""
     lm_turns: tuple[int, ...] = (2, 3, 4, 5)
     """Questions per LM conversation, drawn uniformly from these."""
-    lm_source: str = "bundled"
-    """"bundled": the LM trained once with these `lm_*` settings (seed 0) and shipped in
-    `projector_training/toy/bundled_lm/` (rebuilt by `python -m projector_training.toy.pretrain_lm`), as CausalLM's
-    weights are downloaded rather than trained; "train": train it here, seeded by `seed`."""
     lm_eval_prompts: int = 400
     """Held-out text prompts for the LM's context-reading accuracy (and the draft's agreement with the LM)."""
 
@@ -147,7 +145,7 @@ class ToyConfig:
     embeddings, head and evenly spaced layers (DistilBERT's start); otherwise from scratch."""
     draft_heads: int = 8
     draft_intermediate: int = 344
-    draft_steps: int = 150
+    draft_steps: int = 1000
     """Distillation steps on the LM's kind of corpus (answers only), short contexts first as for the LM."""
     draft_short_fraction: float = 0.3
     draft_batch_size: int = 32
@@ -155,13 +153,18 @@ class ToyConfig:
     draft_ce_weight: float = 0.5
     """Weight of the cross-entropy on the right answers beside the KL to the LM's next-token distribution."""
 
+    backbones: str = "bundled"
+    """"bundled": the CLIP, LM and draft trained once with these settings (seed 0) and shipped in
+    `projector_training/toy/bundled/` (rebuilt by `python -m projector_training.toy.pretrain`), as the real
+    backbones are downloaded rather than trained; "train": train them here, seeded by `seed`."""
+
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.clip_layers < 2:
             raise ValueError("the CLIP needs at least 2 blocks: the adapter reads the second-to-last one")
-        if self.lm_source not in ("bundled", "train"):
-            raise ValueError(f"lm_source must be 'bundled' or 'train'; got {self.lm_source!r}")
+        if self.backbones not in ("bundled", "train"):
+            raise ValueError(f"backbones must be 'bundled' or 'train'; got {self.backbones!r}")
         if not 1 <= self.draft_layers <= self.lm_layers:
             raise ValueError(f"draft_layers must be 1 to lm_layers ({self.lm_layers}); got {self.draft_layers}")
         if (
@@ -192,7 +195,6 @@ class ToyConfig:
             lm_intermediate=64,
             lm_steps=3,
             lm_batch_size=8,
-            lm_source="train",
             lm_eval_prompts=8,
             draft_layers=1,
             draft_hidden=16,
@@ -200,6 +202,7 @@ class ToyConfig:
             draft_intermediate=32,
             draft_steps=3,
             draft_batch_size=8,
+            backbones="train",
         )
 
     @property
@@ -634,35 +637,107 @@ def _train_lm(config: ToyConfig, out: Path, log: Log, device: torch.device) -> d
     return metrics
 
 
-BUNDLED_LM = Path(__file__).with_name("bundled_lm")
-"""The LM trained once with `ToyConfig`'s `lm_*` settings (seed 0) by `python -m projector_training.toy.pretrain_lm`."""
+BUNDLED = Path(__file__).with_name("bundled")
+"""The backbones trained once with `ToyConfig`'s settings (seed 0) by `python -m projector_training.toy.pretrain`:
+one folder per piece of `PIECES`, each with its `PRETRAINING` record."""
+PIECES = ("clip", "lm", "draft_lm")
 PRETRAINING = "pretraining.json"
-"""Beside the bundled LM: the settings it was trained with, its metrics, the command, versions and commit."""
+"""Beside each bundled piece: the settings it was trained with, its metrics, the command, versions and commit."""
 
 
-def lm_settings(config: ToyConfig) -> dict[str, Any]:
-    """What makes the LM: the `lm_*` settings (not where it comes from or how it is evaluated), the vocabulary size
-    and the number of image slots, as JSON values."""
-    names = [f.name for f in dataclasses.fields(config) if f.name.startswith("lm_")]
-    names = [n for n in names if n not in ("lm_source", "lm_eval_prompts")]
-    values = {**{n: getattr(config, n) for n in names}, "vocab_size": config.vocab_size, "slots": config.num_patches}
+def piece_settings(config: ToyConfig, piece: str) -> dict[str, Any]:
+    """What makes `piece` (not where it comes from, nor how it is evaluated), as JSON values: its own prefixed
+    settings, the sizes it is built for, and for the draft the LM's settings too (it is distilled from the LM)."""
+
+    def prefixed(prefix: str) -> dict[str, Any]:
+        names = [f.name for f in dataclasses.fields(config) if f.name.startswith(prefix)]
+        return {n: getattr(config, n) for n in names if n != "lm_eval_prompts"}
+
+    if piece == "clip":  # trained on the training images of the world of seed 0
+        values = {**prefixed("clip_"), "image_size": config.image_size, "patch_size": config.patch_size}
+        values["n_train"] = config.n_train
+    elif piece == "lm":
+        values = {**prefixed("lm_"), "vocab_size": config.vocab_size, "slots": config.num_patches}
+    elif piece == "draft_lm":
+        values = {**prefixed("draft_"), "lm": piece_settings(config, "lm")}
+    else:
+        raise ValueError(f"no toy backbone named {piece!r}; the pieces are {', '.join(PIECES)}")
     return json.loads(json.dumps(values))
 
 
-def _bundled_lm(config: ToyConfig, out: Path) -> dict[str, Any]:
-    """Copy the bundled LM into `out` and measure its context reading here, with `config.seed`'s prompts."""
-    made = json.loads((BUNDLED_LM / PRETRAINING).read_text())
-    if made["settings"] != lm_settings(config):
-        changed = sorted(k for k, v in lm_settings(config).items() if made["settings"].get(k) != v)
+def _copy_bundled(config: ToyConfig, piece: str, out: Path) -> dict[str, Any]:
+    """Copy the bundled `piece` into `out` after checking it was made with `config`'s settings; returns its
+    pretraining metrics."""
+    source = BUNDLED / piece
+    made = json.loads((source / PRETRAINING).read_text())
+    wanted = piece_settings(config, piece)
+    if made["settings"] != wanted:
+        changed = sorted(k for k, v in wanted.items() if made["settings"].get(k) != v)
         raise ValueError(
-            f"the bundled toy LM ({BUNDLED_LM}) was trained with other settings than these ({', '.join(changed)}): "
-            "run `python -m projector_training.toy.pretrain_lm` to train and bundle one with them, or use "
-            "lm_source='train'"
+            f"the bundled toy {piece} ({source}) was trained with other settings than these ({', '.join(changed)}): "
+            f"run `python -m projector_training.toy.pretrain --pieces {piece}` to train and bundle one with them, "
+            "or use backbones='train'"
         )
-    shutil.copytree(BUNDLED_LM, out)
+    shutil.copytree(source, out)
+    return made["metrics"]
+
+
+COMPACT_CLIP = "open_clip_model.compact.safetensors"
+"""The bundled CLIP's weights with only the token-table rows its captions use (`compact_clip`)."""
+
+
+def compact_clip(directory: Path, config: ToyConfig) -> None:
+    """Replace the saved CLIP's token table by the rows the world's captions use (`COMPACT_CLIP`). The table has
+    open_clip's 49,408 rows, frozen random ones (`_train_clip`), 25 MB of the 29; `_expand_clip` restores it with
+    zeros in the rows no caption uses, which only a text the world never writes would look up."""
+    state = load_file(directory / "open_clip_model.safetensors")
+    table = state.pop("token_embedding.weight")  # (V, W)
+    tokens = open_clip.SimpleTokenizer(context_length=config.clip_context_length)([o.caption for o in OBJECTS])
+    ids = torch.unique(tokens)  # padding (0) included
+    state.update({"token_embedding.ids": ids, "token_embedding.rows": table[ids].contiguous()})
+    state["token_embedding.shape"] = torch.tensor(table.shape)
+    save_file(state, str(directory / COMPACT_CLIP))
+    (directory / "open_clip_model.safetensors").unlink()
+
+
+def _expand_clip(directory: Path) -> None:
+    state = load_file(directory / COMPACT_CLIP)
+    ids, rows, shape = (state.pop(f"token_embedding.{k}") for k in ("ids", "rows", "shape"))
+    table = torch.zeros(tuple(shape.tolist()), dtype=rows.dtype)
+    table[ids] = rows
+    state["token_embedding.weight"] = table
+    save_file(state, str(directory / "open_clip_model.safetensors"))
+    (directory / COMPACT_CLIP).unlink()
+
+
+def _bundled_clip(config: ToyConfig, world: WorldFiles, out: Path) -> dict[str, Any]:
+    """The bundled CLIP in `out`, its zero-shot accuracy measured again on this world's held-out images."""
+    made = _copy_bundled(config, "clip", out)
+    _expand_clip(out)
+    preprocess = json.loads((out / "open_clip_config.json").read_text())["preprocess_cfg"]
+    pixels, objects = _load_images(world, load_records(world.eval_captions_json))
+    model = open_clip.create_model(f"local-dir:{out}", device="cpu")
+    texts = open_clip.SimpleTokenizer(context_length=config.clip_context_length)([o.caption for o in OBJECTS])
+    metrics = _zero_shot(model, _normalise(pixels, preprocess["mean"], preprocess["std"]), objects, texts)
+    return {**metrics, "source": "bundled", "pretraining": made}
+
+
+def _bundled_lm(config: ToyConfig, out: Path) -> dict[str, Any]:
+    """The bundled LM in `out`, its context reading measured again with `config.seed`'s prompts."""
+    made = _copy_bundled(config, "lm", out)
     model = AutoModelForCausalLM.from_pretrained(out)
     metrics = _evaluate_lm(model, _Encoder(AutoTokenizer.from_pretrained(out)), config)
-    return {**metrics, "source": "bundled", "pretraining": made["metrics"]}
+    return {**metrics, "source": "bundled", "pretraining": made}
+
+
+def _bundled_draft_lm(config: ToyConfig, lm_dir: Path, out: Path) -> dict[str, Any]:
+    """The bundled draft in `out`, measured again as `_train_draft_lm` measures it, against the LM in `lm_dir`."""
+    made = _copy_bundled(config, "draft_lm", out)
+    encoder = _Encoder(AutoTokenizer.from_pretrained(out))
+    draft = AutoModelForCausalLM.from_pretrained(out)
+    teacher = AutoModelForCausalLM.from_pretrained(lm_dir)
+    metrics = {**_evaluate_lm(draft, encoder, config), **_agreement(draft, teacher, encoder, config)}
+    return {**metrics, **_sizes(draft, teacher), "source": "bundled", "pretraining": made}
 
 
 @torch.no_grad()
@@ -829,10 +904,13 @@ def _fingerprints(config: ToyConfig) -> dict[str, str]:
         return [f.name for f in dataclasses.fields(config) if f.name.startswith(prefix)]
 
     world = _fingerprint(config, ["seed", "n_train", "n_eval", "image_size"])
+    if config.backbones == "bundled":  # the shipped weights, measured with this seed's held-out data
+        measured = ["backbones", "seed", "n_eval", "lm_eval_prompts"]
+        clip = _fingerprint(config, measured, world + _file_sha256(BUNDLED / "clip" / COMPACT_CLIP))
+        lm = _fingerprint(config, measured, _file_sha256(BUNDLED / "lm" / "model.safetensors"))
+        draft = _fingerprint(config, measured, lm + _file_sha256(BUNDLED / "draft_lm" / "model.safetensors"))
+        return {"world": world, "clip": clip, "lm": lm, "draft_lm": draft}
     lm = _fingerprint(config, [*prefixed("lm_"), "vocab_size", "seed", "image_size", "patch_size"])
-    if config.lm_source == "bundled":
-        weights = _file_sha256(BUNDLED_LM / "model.safetensors")
-        lm = _fingerprint(config, ["lm_source", "lm_eval_prompts", "seed"], weights)
     draft_fields = [*prefixed("draft_"), "seed", "image_size", "patch_size", "lm_eval_prompts"]
     return {
         "world": world,
@@ -896,12 +974,14 @@ def ensure_toy_world(
 
     fingerprints = _fingerprints(config)
     piece("world", fingerprints["world"], build_world_piece)
-    piece("clip", fingerprints["clip"], lambda d: _train_clip(config, world_files, d, log, device))
-    if config.lm_source == "bundled":
+    if config.backbones == "bundled":
+        piece("clip", fingerprints["clip"], lambda d: _bundled_clip(config, world_files, d))
         piece("lm", fingerprints["lm"], lambda d: _bundled_lm(config, d))
+        piece("draft_lm", fingerprints["draft_lm"], lambda d: _bundled_draft_lm(config, root / "lm", d))
     else:
+        piece("clip", fingerprints["clip"], lambda d: _train_clip(config, world_files, d, log, device))
         piece("lm", fingerprints["lm"], lambda d: _train_lm(config, d, log, device))
-    piece("draft_lm", fingerprints["draft_lm"], lambda d: _train_draft_lm(config, root / "lm", d, log, device))
+        piece("draft_lm", fingerprints["draft_lm"], lambda d: _train_draft_lm(config, root / "lm", d, log, device))
     return ToyWorld(
         root=root,
         world_dir=world_files.root,

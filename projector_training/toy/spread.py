@@ -1,12 +1,12 @@
 """`python -m projector_training.toy.spread --seeds 0 1 2`: the toy recipe's scores over seeds, as JSON.
 
-Each seed is a whole `vlm-train --recipe toy --seed S` run in its own process: a new world, CLIP, LM and
-alignment (the backbones cached per seed beside the default ones). `--kernels avx2` runs each seed again with
-torch's AVX2 kernels (`ATEN_CPU_CAPABILITY`, and MKL's likewise): float results of CPU kernels differ between
-instruction sets and a small training run amplifies that, so this stands in for another machine (those runs
-cache their backbones apart). Prints, and with `--out` writes, each run's headline scores and the minimum, mean
-and maximum of each over all runs, with the package versions and CPU kernels they were measured with. Not part
-of the test suite: about 7 minutes a run on 2 cores, nothing cached (the draft included).
+Each seed is a whole `vlm-train --recipe toy --seed S` run in its own process: a new world and alignments, with the
+bundled backbones measured again on that world (cached per seed beside the default ones). `--kernels avx2` runs each
+seed again with torch's AVX2 kernels (`ATEN_CPU_CAPABILITY`, and MKL's likewise): float results of CPU kernels
+differ between instruction sets and a small training run amplifies that, so this stands in for another machine
+(those runs cache their backbones apart). Prints, and with `--out` writes, each run's headline scores and the
+minimum, mean and maximum of each over all runs, with the package versions and CPU kernels they were measured with.
+Not part of the test suite: about 7 minutes a run on 2 cores, nothing cached (the draft included).
 """
 
 from __future__ import annotations
