@@ -3,7 +3,9 @@
 `vlm-train --recipe toy` runs `run_toy`: it aligns a projector to the world's LM (the target, in `output_dir`,
 evaluated before and after) and then one to the world's draft LM (in `<output_dir>-draft`, `runs/toy-draft` by
 default) with the same tower, select layer, preprocessing, data and settings, so that the two adapters can share
-one image encoding when the draft proposes tokens for the target (speculative decoding, issue 19). Each writes its
+one image encoding when the draft proposes tokens for the target (speculative decoding, issue 19). The draft is as
+wide as the LM and its embeddings started as the LM's, so its projector starts from the target's and is trained
+for `DRAFT_EPOCHS` more. Each writes its
 eval.json; the target's holds the draft's headline numbers under `draft`. `vlm-train --recipe toy-draft` aligns the
 draft alone (`run_toy_draft`). `ensure_toy_adapter` and `ensure_toy_draft` train what is missing (the demo's
 default model).
@@ -54,12 +56,24 @@ def toy_config(cfg: TrainConfig, world: Any) -> TrainConfig:
     return cfg.replace(**{k: v for k, v in filled.items() if getattr(cfg, k) == getattr(defaults, k)})
 
 
-def draft_run_config(cfg: TrainConfig) -> TrainConfig:
+DRAFT_EPOCHS = 1
+"""Epochs of the draft's alignment when its projector starts from the target's."""
+
+
+def draft_run_config(cfg: TrainConfig, start_from: Path | None = None) -> TrainConfig:
     """The toy-draft run that goes with the toy run `cfg`: its settings, tower and data, the world's draft LM (never
-    the target's `lm`), in `<output_dir>-draft`."""
-    return cfg.replace(
+    the target's `lm`), in `<output_dir>-draft`. Given the target's finished run `start_from`, the draft's projector
+    starts from the target's and trains for `DRAFT_EPOCHS` (unless `cfg` names a projector to start from)."""
+    draft = cfg.replace(
         recipe="toy-draft", lm=RECIPES["toy-draft"].lm, output_dir=f"{Path(cfg.output_dir)}{DRAFT_SUFFIX}"
     )
+    if start_from is not None and cfg.init_projector is None:
+        draft = draft.replace(init_projector=str(start_from), epochs=DRAFT_EPOCHS)
+    return draft
+
+
+def _width(lm_dir: Path) -> int:
+    return json.loads((lm_dir / "config.json").read_text())["hidden_size"]
 
 
 def _world(cfg: TrainConfig) -> Any:
@@ -98,7 +112,10 @@ def run_toy(cfg: TrainConfig) -> dict[str, Any]:
 
     run_dir, after = _align(target_cfg, world)
     answers = after.pop("answers")
-    draft = run_toy_draft(draft_run_config(cfg), world=world, target_dir=run_dir, target_answers=answers)
+    # A projector maps into one LM's embedding space: the target's suits the draft only at the same width.
+    start_from = run_dir if _width(world.draft_lm_dir) == _width(world.lm_dir) else None
+    draft_cfg = draft_run_config(cfg, start_from)
+    draft = run_toy_draft(draft_cfg, world=world, target_dir=run_dir, target_answers=answers)
     report = {
         **headline(after),
         "before": headline(before),
@@ -175,6 +192,7 @@ def run_toy_draft(
         "dir": str(run_dir),
         **headline(after),
         "answers_equal_target": same_answers(answers, target_answers) if paired else None,
+        "init_projector": cfg.init_projector,
         "speculative": speculative(target_dir, run_dir, world, target_answers) if paired else None,
         "details": after,
         "lm_context_accuracy": lm.get("accuracy"),
