@@ -22,6 +22,7 @@ from projector_training.toy.world import (
     OBJECTS,
     QUESTIONS,
     SHAPES,
+    TRAIN_QUESTIONS,
     YESNO_QUESTIONS,
     ToyObject,
     build_world,
@@ -162,7 +163,8 @@ def test_world_records(small_world) -> None:
         if record["id"].endswith("-caption"):
             _CAPTIONS[record["image"]] = by_caption[record["conversations"][1]["value"]]
     chats = [r for r in train if r["id"].endswith("-chat")]
-    assert len(chats) == 80 and {len(r["conversations"]) for r in chats} == {2, 4, 6}
+    fewest, most = TRAIN_QUESTIONS
+    assert len(chats) == 80 and {len(r["conversations"]) for r in chats} == set(range(2 * fewest, 2 * most + 1, 2))
     # The alignment conversations ask every kind of question the held-out sets ask (TRAIN_KINDS).
     questions = [t["value"].removeprefix("<image>\n") for r in chats for t in r["conversations"][::2]]
     assert any(CHOICE_SUFFIX in q for q in questions) and any(q.startswith("Is ") for q in questions)

@@ -75,7 +75,7 @@ __all__ = ["BUNDLED", "PIECES", "PRETRAINING", "ToyConfig", "ToyWorld", "ensure_
 
 Log = Callable[[str], None]
 
-BUILD_VERSION = 5
+BUILD_VERSION = 6
 """Part of every cache fingerprint: bump it when a code change alters what a piece builds."""
 DONE = "done.json"
 SHORT_CONTEXT = 12
