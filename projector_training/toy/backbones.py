@@ -95,8 +95,10 @@ class ToyConfig:
 
     seed: int = 0
     """Seeds the world, both trainings and all sampling."""
-    n_train: int = 4000
-    """Training images (two alignment records each: a caption and a question)."""
+    n_train: int = 10000
+    """Training images (two alignment records each: a caption and a conversation). The alignment sees each twice:
+    more images seen fewer times generalise better than 4,000 seen five times at the same cost (multiple choice
+    0.962 against 0.955, POPE adversarial 0.962 against 0.946 on the world of seed 0)."""
     n_eval: int = 288
     """Held-out images (4 per distinct caption); one caption and one question record each."""
     image_size: int = 64
@@ -118,6 +120,8 @@ class ToyConfig:
     clip_steps: int = 350
     """Contrastive steps; each batch holds every distinct caption once (no false negatives)."""
     clip_lr: float = 1e-3
+    clip_images: int = 4000
+    """The CLIP learns from the first `clip_images` training images (the bundled one: seed 0's first 4,000)."""
 
     vocab_size: int = 512
     """Learned BPE vocabulary; the three ChatML special tokens follow it."""
@@ -161,6 +165,8 @@ class ToyConfig:
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.clip_images > self.n_train:
+            raise ValueError(f"clip_images ({self.clip_images}) cannot exceed n_train ({self.n_train})")
         if self.clip_layers < 2:
             raise ValueError("the CLIP needs at least 2 blocks: the adapter reads the second-to-last one")
         if self.backbones not in ("bundled", "train"):
@@ -188,6 +194,7 @@ class ToyConfig:
             clip_text_width=32,
             clip_text_layers=1,
             clip_steps=3,
+            clip_images=144,
             vocab_size=300,
             lm_hidden=32,
             lm_layers=1,
@@ -283,13 +290,13 @@ def _clip_model_cfg(config: ToyConfig) -> dict[str, Any]:
     }
 
 
-def _load_images(world: WorldFiles, records: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, list[ToyObject]]:
-    """Unique images of caption records -> (uint8 pixels (M, 3, S, S), their objects)."""
+def _load_images(
+    world: WorldFiles, records: Sequence[dict[str, Any]], limit: int | None = None
+) -> tuple[torch.Tensor, list[ToyObject]]:
+    """Unique images of caption records (the first `limit`) -> (uint8 pixels (M, 3, S, S), their objects)."""
     by_caption = {obj.caption: obj for obj in OBJECTS}
     pixels, objects = [], []
-    for record in records:
-        if not record["id"].endswith("-caption"):
-            continue
+    for record in [r for r in records if r["id"].endswith("-caption")][:limit]:
         image = Image.open(world.root / record["image"]).convert("RGB")
         pixels.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))  # (3, S, S)
         objects.append(by_caption[record["conversations"][1]["value"]])
@@ -325,7 +332,7 @@ def _zero_shot(
 
 def _train_clip(config: ToyConfig, world: WorldFiles, out: Path, log: Log, device: torch.device) -> dict[str, Any]:
     _seed_everything(config.seed)
-    train_pixels, train_objects = _load_images(world, load_records(world.train_json))
+    train_pixels, train_objects = _load_images(world, load_records(world.train_json), limit=config.clip_images)
     eval_pixels, eval_objects = _load_images(world, load_records(world.eval_captions_json))
     # The world's own pixel statistics, saved with the model so every loader normalises the same way.
     scaled = train_pixels.float() / 255.0  # (M, 3, S, S)
@@ -653,9 +660,8 @@ def piece_settings(config: ToyConfig, piece: str) -> dict[str, Any]:
         names = [f.name for f in dataclasses.fields(config) if f.name.startswith(prefix)]
         return {n: getattr(config, n) for n in names if n != "lm_eval_prompts"}
 
-    if piece == "clip":  # trained on the training images of the world of seed 0
+    if piece == "clip":  # trained on the first `clip_images` training images of the world of seed 0
         values = {**prefixed("clip_"), "image_size": config.image_size, "patch_size": config.patch_size}
-        values["n_train"] = config.n_train
     elif piece == "lm":
         values = {**prefixed("lm_"), "vocab_size": config.vocab_size, "slots": config.num_patches}
     elif piece == "draft_lm":
