@@ -167,7 +167,7 @@ SHARED = (
 
 def test_the_draft_run_takes_the_target_runs_settings_but_its_own_lm_and_directory() -> None:
     from projector_training.recipes import RECIPES
-    from projector_training.toy.recipe import DRAFT_EPOCHS, draft_run_config
+    from projector_training.toy.recipe import DRAFT_STEPS, draft_run_config
 
     assert RECIPES["toy-draft"].output_dir == "runs/toy-draft"
     assert draft_run_config(RECIPES["toy"]) == RECIPES["toy-draft"]
@@ -175,9 +175,10 @@ def test_the_draft_run_takes_the_target_runs_settings_but_its_own_lm_and_directo
     draft = draft_run_config(target)
     assert (draft.recipe, draft.output_dir, draft.lm) == ("toy-draft", "out/toy-draft", RECIPES["toy-draft"].lm)
     assert (draft.epochs, draft.lr, draft.toy_world, draft.seed) == (5, 3e-4, "micro", target.seed)
-    # After the target's run, the draft's projector starts from the target's and trains for fewer epochs
+    # After the target's run, the draft's projector starts from the target's and trains for fewer steps
     started = draft_run_config(target, start_from=Path("out/toy"))
-    assert (started.init_projector, started.epochs, started.lr) == ("out/toy", DRAFT_EPOCHS, 3e-4)
+    assert (started.init_projector, started.max_steps, started.lr) == ("out/toy", DRAFT_STEPS, 3e-4)
+    assert draft_run_config(target.replace(max_steps=7), start_from=Path("out/toy")).max_steps == 7
     assert draft_run_config(target.replace(init_projector="mine"), start_from=Path("out/toy")).init_projector == "mine"
 
 
