@@ -1,4 +1,5 @@
-"""The offline miniature world: synthetic shape images, a tiny CLIP and a tiny ChatML LM trained on them.
+"""The offline miniature world: synthetic shape images, and a tiny CLIP, a tiny ChatML LM and its draft that
+know them (shipped pretrained, or trained here).
 
 `ensure_toy_world(root)` builds (or reuses) everything the `toy` recipe needs, without a network.
 """
