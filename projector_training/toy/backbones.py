@@ -943,6 +943,24 @@ def _finish(directory: Path, fingerprint: str, metrics: dict[str, Any]) -> None:
     (directory / DONE).write_text(json.dumps({"fingerprint": fingerprint, "metrics": metrics}, indent=2) + "\n")
 
 
+def _backbone_builders(
+    config: ToyConfig, root: Path, world_files: WorldFiles, log: Log, device: torch.device
+) -> dict[str, Callable[[Path], dict[str, Any]]]:
+    """How each backbone piece is made into its directory, in `PIECES` order: copied from the bundle and measured
+    again, or trained here."""
+    if config.backbones == "bundled":
+        return {
+            "clip": lambda d: _bundled_clip(config, world_files, d),
+            "lm": lambda d: _bundled_lm(config, d),
+            "draft_lm": lambda d: _bundled_draft_lm(config, root / "lm", d),
+        }
+    return {
+        "clip": lambda d: _train_clip(config, world_files, d, log, device),
+        "lm": lambda d: _train_lm(config, d, log, device),
+        "draft_lm": lambda d: _train_draft_lm(config, root / "lm", d, log, device),
+    }
+
+
 def ensure_toy_world(
     root: Path, *, config: ToyConfig | None = None, log: Log = print, device: str | torch.device = "cpu"
 ) -> ToyWorld:
@@ -980,14 +998,8 @@ def ensure_toy_world(
 
     fingerprints = _fingerprints(config)
     piece("world", fingerprints["world"], build_world_piece)
-    if config.backbones == "bundled":
-        piece("clip", fingerprints["clip"], lambda d: _bundled_clip(config, world_files, d))
-        piece("lm", fingerprints["lm"], lambda d: _bundled_lm(config, d))
-        piece("draft_lm", fingerprints["draft_lm"], lambda d: _bundled_draft_lm(config, root / "lm", d))
-    else:
-        piece("clip", fingerprints["clip"], lambda d: _train_clip(config, world_files, d, log, device))
-        piece("lm", fingerprints["lm"], lambda d: _train_lm(config, d, log, device))
-        piece("draft_lm", fingerprints["draft_lm"], lambda d: _train_draft_lm(config, root / "lm", d, log, device))
+    for name, build in _backbone_builders(config, root, world_files, log, device).items():
+        piece(name, fingerprints[name], build)
     return ToyWorld(
         root=root,
         world_dir=world_files.root,
