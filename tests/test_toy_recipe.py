@@ -100,21 +100,22 @@ def test_vlm_caption_prints_held_out_captions(toy_adapter: Path, toy_world) -> N
 def test_the_toy_model_writes_around_a_blocked_word(toy_adapter: Path, toy_world) -> None:
     """Blocked at sampling time, the colour is replaced by another word the model chooses, not by the text filter's
     marker: the ban steers generation (the filter is the net behind it). Without the ban the filter would show
-    "[filtered]" where the colour was. The tiny LM sometimes glues the colour onto the word before ("a smallred"),
-    which the whole-word rule lets through, as it lets "class" through for "ass"."""
+    "[filtered]" where the colour was. The tiny LM often glues the colour onto the word before ("a smallred": 13 of
+    24 held-out captions, seed 0), which the whole-word rule lets through, as it lets "class" through for "ass"; the
+    others name another colour (6 of the first 12)."""
     import vlm
     from projector_training.toy.world import COLOURS
     from vlm.generation import FILTERED
 
     model = vlm.load(toy_adapter, device="cpu")
-    records = load_records(toy_world.eval_captions_json)[:6]
+    records = load_records(toy_world.eval_captions_json)[:12]
     images = [str(toy_world.root / r["image"]) for r in records]
     right = [  # the held-out images the adapter captions right (the recipe's test allows a few wrong)
         (image, caption)
         for image, record, caption in zip(images, records, model.caption_batch(images), strict=True)
         if caption == record["conversations"][1]["value"]
     ]
-    assert len(right) >= 5
+    assert len(right) >= 10
     recoloured = 0
     for image, caption in right:
         colour = next(w for w in caption.split() if w in COLOURS)  # every toy caption names its colour
@@ -122,4 +123,4 @@ def test_the_toy_model_writes_around_a_blocked_word(toy_adapter: Path, toy_world
         print(f"{caption!r} with {colour!r} blocked -> {banned!r}")
         assert colour not in banned.split() and FILTERED not in banned and banned.strip()
         recoloured += any(w in COLOURS for w in banned.split())
-    assert recoloured >= len(right) // 2
+    assert recoloured >= len(right) // 3
