@@ -54,7 +54,8 @@ def _train(piece: str, config: ToyConfig, out: Path, bundle: Path, scratch: Path
     if piece == "clip":
         world = WorldFiles.at(scratch / "world")
         if not world.train_json.is_file():
-            build_world(world.root, seed=config.seed, n_train=config.n_train, n_eval=config.n_eval,
+            # Only the images the CLIP learns from: the first `clip_images` are the same whatever n_train is.
+            build_world(world.root, seed=config.seed, n_train=config.clip_images, n_eval=config.n_eval,
                         image_size=config.image_size)  # fmt: skip
         metrics = _train_clip(config, world, out, log, device)
         compact_clip(out, config)
